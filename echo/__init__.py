@@ -1,0 +1,1 @@
+"""Echo: a pitch-aware speech-recognition transformer (data, features, model)."""

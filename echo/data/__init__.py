@@ -1,0 +1,1 @@
+"""Speech data for Echo: sentence generator, TTS corpus builder, dataset and collator."""

@@ -1,0 +1,72 @@
+"""Choosing a backend, and saying why one cannot serve.
+
+Every fused backend module exposes ``unavailable_reason()`` (None when it can run in
+this process) and ``unsupported_reason(q, k, v, bias, causal)`` (None when it
+handles these inputs). ``"auto"`` walks the preference list of the inputs' device
+and takes the first backend with neither reason; the chunked PyTorch backend
+serves everything, so ``"auto"`` never fails and never picks a wrong answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+from torch import Tensor
+
+BACKENDS = ("reference", "chunked", "triton", "cuda", "cpu")
+FUSED = ("chunked", "triton", "cuda", "cpu")
+# Fastest first. Triton on CPU tensors is the interpreter: correct but slow, so
+# "auto" never picks it there.
+PREFERENCE = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("cpu", "chunked")}
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    reason: str
+
+
+def backend_module(name: str):
+    """The module implementing fused backend ``name``."""
+    module = {"triton": "echo_kernels.triton", "cuda": "echo_kernels.cuda", "cpu": "echo_kernels.cpu"}
+    return importlib.import_module(module.get(name, f"echo_kernels.{name}"))
+
+
+def unavailable_reason(name: str) -> str | None:
+    if name == "reference":
+        return None
+    try:
+        return backend_module(name).unavailable_reason()
+    except Exception as exc:  # a broken backend must not break the package
+        return f"failed to load: {type(exc).__name__}: {exc}"
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every backend name -> (available in this process, why not / what it is)."""
+    what = {
+        "reference": "dense PyTorch golden (materialises [Tq, Tk])",
+        "chunked": "memory-efficient PyTorch (online softmax over key blocks)",
+        "triton": "fused Triton kernels",
+        "cuda": "fused CUDA C++ kernels",
+        "cpu": "fused C++ CPU kernels",
+    }
+    result = {}
+    for name in BACKENDS:
+        reason = unavailable_reason(name)
+        result[name] = BackendInfo(reason is None, what[name] if reason is None else reason)
+    return result
+
+
+def choose_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, bias: int, causal: bool) -> str:
+    """Resolve ``requested`` to a backend name, raising if an explicit choice cannot serve."""
+    if requested == "reference":
+        return requested
+    if requested != "auto":
+        reason = unavailable_reason(requested) or backend_module(requested).unsupported_reason(q, k, v, bias, causal)
+        if reason is not None:
+            raise NotImplementedError(f"backend={requested!r} cannot run these inputs: {reason}")
+        return requested
+    for name in PREFERENCE.get(q.device.type, ("chunked",)):
+        if unavailable_reason(name) is None and backend_module(name).unsupported_reason(q, k, v, bias, causal) is None:
+            return name
+    return "chunked"

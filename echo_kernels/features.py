@@ -1,0 +1,167 @@
+"""Per-token pitch features: what every backend reads besides q, k and v.
+
+Each token of a sequence carries five values (all ``[B, T]``, float32, or float64
+when the attention runs in float64):
+
+* ``pos``       position used for the rotation angle,
+* ``log_theta`` natural log of the token's rotary base,
+* ``radius``    magnitude that replaces RoPE's unit circle,
+* ``pitch``     z-scored f0 used by the pitch-similarity bias,
+* ``voiced``    1.0 where the frame is voiced and inside the sequence, else 0.0.
+
+``pitch_features`` derives them from f0 with plain differentiable PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+THETA_MODES = ("fixed", "f0", "mean_f0", "f0_offset")
+RADIUS_MODES = ("unit", "f0")
+
+# radius_mode="f0": f0 is clamped to the range of human speech, then scaled so
+# the highest pitch sits on the unit circle.
+RADIUS_F0_MIN = 40.0
+RADIUS_F0_MAX = 600.0
+# Keeps the z-score finite when every voiced frame has the same f0.
+PITCH_EPS = 1e-6
+
+
+class PitchFeatures(NamedTuple):
+    """The five per-token features, each ``[B, T]`` float32 (float64 for float64 attention)."""
+
+    pos: Tensor
+    log_theta: Tensor
+    radius: Tensor
+    pitch: Tensor
+    voiced: Tensor
+
+
+def default_features(
+    batch: int, length: int, *, theta: float = 10000.0, device=None, dtype=torch.float32
+) -> PitchFeatures:
+    """Features of a sequence without f0: positions 0..T-1, fixed base, unit radius, unvoiced."""
+    pos = torch.arange(length, device=device, dtype=dtype).expand(batch, length).contiguous()
+    zeros = torch.zeros(batch, length, device=device, dtype=dtype)
+    return PitchFeatures(
+        pos=pos,
+        log_theta=torch.full_like(zeros, math.log(theta)),
+        radius=torch.ones_like(zeros),
+        pitch=zeros,
+        voiced=zeros.clone(),
+    )
+
+
+def valid_mask(lengths: Tensor | None, batch: int, length: int, device) -> Tensor:
+    """Boolean ``[B, T]``: True for positions ``t < lengths[b]`` (all True without lengths)."""
+    if lengths is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    t = torch.arange(length, device=device)
+    return t[None, :] < lengths.to(device)[:, None]
+
+
+def check_f0(f0: Tensor, name: str = "f0") -> None:
+    """Raise if ``f0`` is not a real ``[B, T]`` tensor of finite, non-negative Hz."""
+    if not isinstance(f0, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, T] in Hz, got {type(f0).__name__}")
+    if f0.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, T], got {tuple(f0.shape)}")
+    if not f0.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (Hz), got {f0.dtype}")
+    if f0.numel() and not bool(torch.isfinite(f0).all()):
+        raise ValueError(f"{name} must be finite; found NaN or inf (use 0 for unvoiced frames)")
+    if f0.numel() and bool((f0 < 0).any()):
+        raise ValueError(f"{name} must be >= 0 Hz (0 marks an unvoiced frame); found a negative value")
+
+
+def pitch_features(
+    f0: Tensor,
+    *,
+    lengths: Tensor | None = None,
+    theta: float = 10000.0,
+    theta_mode: str = "f0",
+    radius_mode: str = "f0",
+    positions: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PitchFeatures:
+    """Per-token features from f0.
+
+    Args:
+        f0: ``[B, T]`` fundamental frequency in Hz, 0 where unvoiced. Must be finite, >= 0.
+        lengths: optional integer ``[B]``; frames ``t >= lengths[b]`` are padding.
+        theta: the fixed rotary base used by ``"fixed"`` and as fallback (> 0).
+        theta_mode: ``"fixed" | "f0" | "mean_f0" | "f0_offset"`` (see the docs).
+        radius_mode: ``"unit" | "f0"``.
+        positions: optional ``[B, T]`` positions for the rotation angle (default ``t``).
+        dtype: float dtype of the result (float32 unless the attention runs in float64).
+
+    Returns:
+        ``PitchFeatures`` of ``[B, T]`` tensors of ``dtype`` on f0's device.
+    """
+    check_f0(f0)
+    if theta_mode not in THETA_MODES:
+        raise ValueError(f"theta_mode must be one of {THETA_MODES}, got {theta_mode!r}")
+    if radius_mode not in RADIUS_MODES:
+        raise ValueError(f"radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
+    if not float(theta) > 0:
+        raise ValueError(f"theta must be > 0, got {theta}")
+    batch, length = f0.shape
+    device = f0.device
+    if lengths is not None:
+        check_lengths(lengths, batch, length, "lengths")
+    f0 = f0.to(dtype)
+
+    valid = valid_mask(lengths, batch, length, device)
+    voiced_mask = (f0 > 0) & valid
+    voiced = voiced_mask.to(dtype)
+    count = voiced.sum(dim=1, keepdim=True)
+    any_voiced = count > 0
+    mu = (f0 * voiced).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    var = (((f0 - mu) * voiced) ** 2).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    # The population std of fewer than two voiced frames says nothing: use 1.
+    sigma = torch.where(count >= 2, var.clamp(min=0).sqrt(), torch.ones_like(var))
+    pitch = torch.where(voiced_mask, (f0 - mu) / (sigma + PITCH_EPS), torch.zeros_like(f0))
+
+    log_theta_fixed = torch.full_like(f0, math.log(theta))
+    # log(mu) is only defined with a voiced frame; the clamp keeps the unused branch finite.
+    log_mu = torch.where(any_voiced, mu.clamp(min=1e-30).log(), log_theta_fixed[:, :1])
+    if theta_mode == "fixed":
+        log_theta = log_theta_fixed
+    elif theta_mode == "f0":
+        log_f0 = torch.where(voiced_mask, f0, torch.ones_like(f0)).log()
+        log_theta = torch.where(voiced_mask, log_f0, log_mu.expand_as(f0))
+    elif theta_mode == "mean_f0":
+        log_theta = log_mu.expand_as(f0).clone()
+    else:  # "f0_offset"
+        log_theta = (f0 * voiced + theta).log()
+
+    if radius_mode == "unit":
+        radius = torch.ones_like(f0)
+    else:
+        radius = f0.clamp(RADIUS_F0_MIN, RADIUS_F0_MAX) / RADIUS_F0_MAX
+
+    if positions is None:
+        pos = torch.arange(length, device=device, dtype=dtype).expand(batch, length).contiguous()
+    else:
+        if positions.shape != f0.shape:
+            raise ValueError(
+                f"positions must have the shape of f0 {tuple(f0.shape)}, got {tuple(positions.shape)}"
+            )
+        pos = positions.to(device=device, dtype=dtype)
+    return PitchFeatures(pos=pos, log_theta=log_theta, radius=radius, pitch=pitch, voiced=voiced)
+
+
+def check_lengths(lengths: Tensor, batch: int, length: int, name: str) -> None:
+    """Raise unless ``lengths`` is an integer ``[B]`` tensor with values in ``[0, length]``."""
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape [{batch}], got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape [{batch}] (one length per batch entry), got {tuple(lengths.shape)}")
+    if lengths.numel() and bool(((lengths < 0) | (lengths > length)).any()):
+        raise ValueError(f"{name} must lie in [0, {length}], got {lengths.tolist()}")

@@ -1,0 +1,184 @@
+"""``rope_attention``: validation, feature resolution and dispatch to a backend."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .dispatch import BACKENDS, choose_backend
+from .features import PitchFeatures, check_lengths, default_features, pitch_features
+from .reference import BIAS_KINDS, reference_attention
+
+QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, heads, T, D] (4 dims), got {tuple(t.shape)}")
+        if t.dtype not in QKV_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, heads, _, dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"q, k and v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length Tk, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != dim or v.shape[3] != dim:
+        raise ValueError(f"q, k and v must share the head dim D, got {dim}, {k.shape[3]}, {v.shape[3]}")
+    if dim % 2:
+        raise ValueError(f"head dim D must be even (rotary pairs), got {dim}")
+    if k.shape[1] == 0 or heads % k.shape[1]:
+        raise ValueError(
+            f"the number of query heads ({heads}) must be a multiple of the key/value heads ({k.shape[1]})"
+        )
+
+
+def _check_features(feats: PitchFeatures, batch: int, length: int, name: str, dtype, device) -> PitchFeatures:
+    if not isinstance(feats, PitchFeatures):
+        raise TypeError(f"{name} must be echo_kernels.PitchFeatures, got {type(feats).__name__}")
+    for field, t in zip(PitchFeatures._fields, feats):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != (batch, length):
+            raise ValueError(f"{name}.{field} must have shape [{batch}, {length}], got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name}.{field} must be {dtype} (float64 only with float64 q), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}.{field} must be on {device} like q, got {t.device}")
+    return feats
+
+
+def _resolve_lengths(lengths: Tensor | None, batch: int, length: int, name: str, device) -> Tensor:
+    if lengths is None:
+        return torch.full((batch,), length, dtype=torch.int32, device=device)
+    check_lengths(lengths, batch, length, name)
+    if lengths.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {lengths.device}")
+    return lengths.to(torch.int32).contiguous()
+
+
+def _side_features(features, f0, batch, length, lengths, name, dtype, device, feature_args) -> PitchFeatures:
+    if features is not None:
+        return _check_features(features, batch, length, name, dtype, device)
+    if f0 is not None:
+        f0_name = "f0" if name == "features" else "f0_k"
+        if not isinstance(f0, Tensor):
+            raise TypeError(f"{f0_name} must be a torch.Tensor [B, T] in Hz, got {type(f0).__name__}")
+        if f0.shape != (batch, length):
+            raise ValueError(f"{f0_name} must have shape [{batch}, {length}], got {tuple(f0.shape)}")
+        if f0.device != device:
+            raise ValueError(f"{f0_name} must be on {device} like q, got {f0.device}")
+        return pitch_features(f0, lengths=lengths, dtype=dtype, **feature_args)
+    return default_features(batch, length, theta=feature_args["theta"], device=device, dtype=dtype)
+
+
+def _resolve_alpha(alpha, heads: int, dtype, device) -> Tensor:
+    if alpha is None:
+        return torch.ones(heads, dtype=dtype, device=device)
+    if not isinstance(alpha, Tensor):
+        raise TypeError(f"alpha must be a tensor of shape [{heads}] or None, got {type(alpha).__name__}")
+    if alpha.shape != (heads,):
+        raise ValueError(f"alpha must have shape [{heads}] (one weight per query head), got {tuple(alpha.shape)}")
+    if alpha.device != device:
+        raise ValueError(f"alpha must be on {device} like q, got {alpha.device}")
+    return alpha.to(dtype)
+
+
+def _resolve_beta(beta, dtype, device) -> Tensor:
+    if isinstance(beta, Tensor):
+        if beta.dim() != 0:
+            raise ValueError(f"beta must be a float or a 0-d tensor, got shape {tuple(beta.shape)}")
+        if beta.device != device and beta.device.type != "cpu":
+            raise ValueError(f"beta must be on {device} like q, got {beta.device}")
+        return beta.to(device=device, dtype=dtype)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a positive float or a 0-d tensor, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite float, got {beta}")
+    return torch.tensor(float(beta), dtype=dtype, device=device)
+
+
+def rope_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f0: Tensor | None = None,
+    *,
+    f0_k: Tensor | None = None,
+    features: PitchFeatures | None = None,
+    features_k: PitchFeatures | None = None,
+    bias: str | None = "exp",
+    alpha: Tensor | None = None,
+    beta: float | Tensor = 1.0,
+    causal: bool = False,
+    q_lengths: Tensor | None = None,
+    k_lengths: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    theta: float = 10000.0,
+    theta_mode: str = "f0",
+    radius_mode: str = "f0",
+) -> Tensor:
+    """Pitch-aware rotary attention.
+
+    Args:
+        q: ``[B, H, Tq, D]``; k, v: ``[B, Hk, Tk, D]`` with ``H % Hk == 0`` and D even;
+            float16, bfloat16, float32 (or float64 on the reference, chunked and CPU paths).
+        f0: ``[B, Tq]`` Hz of the query tokens (0 = unvoiced). f0_k: ``[B, Tk]`` of the
+            keys; defaults to f0 when ``Tq == Tk`` (self-attention).
+        features, features_k: precomputed ``PitchFeatures``; override f0 / f0_k.
+        bias: ``"exp"``, ``"l1"`` or None. alpha: per-head weight ``[H]`` (default ones);
+            beta: positive float or 0-d tensor.
+        causal: bottom-right aligned causal mask. q_lengths, k_lengths: integer ``[B]``
+            valid lengths (padding at the end).
+        scale: logit scale, default ``1/sqrt(D)``.
+        backend: ``"auto" | "reference" | "chunked" | "triton" | "cuda" | "cpu"``.
+        theta, theta_mode, radius_mode: passed to ``pitch_features`` for a side given as f0.
+
+    Returns:
+        ``[B, H, Tq, D]`` in q's dtype; padded query rows and rows with no allowed key are 0.
+    """
+    _check_qkv(q, k, v)
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if bias not in BIAS_KINDS:
+        raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    batch, heads, tq, dim = q.shape
+    tk = k.shape[2]
+    device = q.device
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+
+    ql = _resolve_lengths(q_lengths, batch, tq, "q_lengths", device)
+    kl = _resolve_lengths(k_lengths, batch, tk, "k_lengths", device)
+    feature_args = dict(theta=theta, theta_mode=theta_mode, radius_mode=radius_mode)
+    fq = _side_features(features, f0, batch, tq, q_lengths, "features", stat_dtype, device, feature_args)
+    if features_k is None and f0_k is None and tq == tk:
+        # Self-attention: the keys are the query tokens.
+        features_k = features
+        f0_k = f0 if features is None else None
+    fk = _side_features(features_k, f0_k, batch, tk, k_lengths, "features_k", stat_dtype, device, feature_args)
+    alpha_t = _resolve_alpha(alpha, heads, stat_dtype, device)
+    beta_t = _resolve_beta(beta, stat_dtype, device)
+    bias_kind = BIAS_KINDS[bias]
+
+    name = choose_backend(backend, q, k, v, bias_kind, causal)
+    if name == "reference":
+        return reference_attention(q, k, v, fq, fk, alpha_t, beta_t, bias, causal, ql, kl, scale)
+    return ops.fused_attention(name, q, k, v, fq, fk, alpha_t, beta_t, bias_kind, causal, ql, kl, scale)

@@ -1,0 +1,132 @@
+"""``RopeAttention``: a drop-in multi-head attention layer with pitch-aware rotary attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .features import PitchFeatures, default_features, pitch_features
+from .interface import rope_attention
+from .reference import BIAS_KINDS
+
+
+class RopeAttention(nn.Module):
+    """Multi-head attention whose rotary base, radius and logit bias follow the speech's f0.
+
+    Args:
+        dim: model width; ``dim % num_heads == 0`` and ``dim // num_heads`` even.
+        num_heads: query heads H. num_kv_heads: key/value heads (GQA/MQA), default H.
+        bias: ``"exp" | "l1" | None`` pitch-similarity bias.
+        theta, theta_mode, radius_mode: how f0 becomes features (see ``pitch_features``).
+        learnable_theta: learn a scalar offset added to every token's log-theta.
+        cross: keys/values come from ``context`` (cross-attention) instead of ``x``.
+        backend: passed to ``rope_attention``.
+        rotary: False turns the rotation off (every position 0); radius and bias still apply.
+
+    Parameters: ``alpha [H]`` (init 1), ``beta = softplus(beta_raw)`` (init 1),
+    ``log_theta_offset`` (scalar, init 0).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        bias: str | None = "exp",
+        theta: float = 10000.0,
+        theta_mode: str = "f0",
+        radius_mode: str = "f0",
+        learnable_theta: bool = True,
+        cross: bool = False,
+        backend: str = "auto",
+        rotary: bool = True,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        head_dim = dim // num_heads
+        if head_dim % 2:
+            raise ValueError(f"head dim dim // num_heads must be even for rotary pairs, got {head_dim}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if bias not in BIAS_KINDS:
+            raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
+        self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
+        self.bias, self.theta, self.theta_mode, self.radius_mode = bias, theta, theta_mode, radius_mode
+        self.cross, self.backend, self.rotary = cross, backend, rotary
+        # Whisper's choice: no bias on the key projection (it would cancel in the softmax).
+        self.q_proj = nn.Linear(dim, num_heads * head_dim)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim)
+        self.out_proj = nn.Linear(num_heads * head_dim, dim)
+        self.alpha = nn.Parameter(torch.ones(num_heads))
+        self.beta_raw = nn.Parameter(torch.tensor(math.log(math.expm1(1.0))))
+        if learnable_theta:
+            self.log_theta_offset = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_buffer("log_theta_offset", torch.zeros(()), persistent=False)
+
+    @property
+    def beta(self) -> Tensor:
+        """The positive bias sharpness, ``softplus(beta_raw)``."""
+        return F.softplus(self.beta_raw)
+
+    def features(self, f0: Tensor | None, batch: int, length: int, lengths: Tensor | None, dtype, device) -> PitchFeatures:
+        """The per-token features this layer uses for one side, offset applied."""
+        if f0 is None:
+            feats = default_features(batch, length, theta=self.theta, device=device, dtype=dtype)
+        else:
+            feats = pitch_features(
+                f0, lengths=lengths, theta=self.theta, theta_mode=self.theta_mode,
+                radius_mode=self.radius_mode, dtype=dtype,
+            )
+        if not self.rotary:
+            feats = feats._replace(pos=torch.zeros_like(feats.pos))
+        return feats._replace(log_theta=feats.log_theta + self.log_theta_offset.to(dtype))
+
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        f0: Tensor | None = None,
+        *,
+        context: Tensor | None = None,
+        f0_context: Tensor | None = None,
+        causal: bool = False,
+        lengths: Tensor | None = None,
+        context_lengths: Tensor | None = None,
+    ) -> Tensor:
+        """x ``[B, T, dim]``, f0 ``[B, T]`` Hz; context ``[B, S, dim]`` for cross. Returns ``[B, T, dim]``."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, T, {self.dim}], got {tuple(x.shape)}")
+        if self.cross and context is None:
+            raise ValueError("context is required: this RopeAttention was built with cross=True")
+        if not self.cross and (context is not None or f0_context is not None):
+            raise ValueError("context / f0_context are only for cross=True layers")
+        source = context if self.cross else x
+        if source.dim() != 3 or source.shape[-1] != self.dim or source.shape[0] != x.shape[0]:
+            raise ValueError(f"context must have shape [{x.shape[0]}, S, {self.dim}], got {tuple(source.shape)}")
+        batch, length, _ = x.shape
+        q = self._heads(self.q_proj(x), self.num_heads)
+        k = self._heads(self.k_proj(source), self.num_kv_heads)
+        v = self._heads(self.v_proj(source), self.num_kv_heads)
+        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        fq = self.features(f0, batch, length, lengths, stat, x.device)
+        if self.cross:
+            fk = self.features(f0_context, batch, source.shape[1], context_lengths, stat, x.device)
+            k_lengths = context_lengths
+        else:
+            fk, k_lengths = fq, lengths
+        out = rope_attention(
+            q, k, v, features=fq, features_k=fk, bias=self.bias, alpha=self.alpha, beta=self.beta,
+            causal=causal, q_lengths=lengths, k_lengths=k_lengths, backend=self.backend,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))

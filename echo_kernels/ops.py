@@ -1,0 +1,126 @@
+"""Autograd and ``torch.library`` glue shared by every fused backend.
+
+Each fused backend module (``chunked``, ``cpu``, ``triton``, ``cuda``) provides
+
+    forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale)
+        -> (out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] float32/64, -inf on empty rows)
+    backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengths,
+             k_lengths, scale) -> chunked.Grads
+
+with q/k/v contiguous, ``fq``/``fk`` ``PitchFeatures`` of contiguous ``[B, T]`` tensors,
+``alpha [H]``, 0-d ``beta``, int32 ``[B]`` lengths and ``bias`` 0 (none) / 1 (exp) / 2 (l1).
+This module turns each pair into two custom ops, ``echo_kernels::<name>_fwd`` and
+``echo_kernels::<name>_bwd``, with fake implementations (so ``torch.compile`` traces
+them without graph breaks) and one autograd formula for all.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from .features import PitchFeatures
+
+FEATURES = ("pos", "log_theta", "radius", "pitch", "voiced")
+_SIDE_Q = ", ".join(f"Tensor {f}_q" for f in FEATURES)
+_SIDE_K = ", ".join(f"Tensor {f}_k" for f in FEATURES)
+_ARGS = (
+    f"Tensor q, Tensor k, Tensor v, {_SIDE_Q}, {_SIDE_K}, Tensor alpha, Tensor beta, "
+    "Tensor q_lengths, Tensor k_lengths, int bias, bool causal, float scale"
+)
+FWD_SCHEMA = f"({_ARGS}) -> (Tensor, Tensor)"
+BWD_SCHEMA = f"(Tensor dout, Tensor out, Tensor lse, {_ARGS}) -> ({', '.join(['Tensor'] * 11)})"
+
+# Positions in the forward op's inputs of the tensors that may receive a gradient.
+_DIFFERENTIABLE = {
+    "q": 0, "k": 1, "v": 2,
+    "log_theta_q": 4, "radius_q": 5, "pitch_q": 6,
+    "log_theta_k": 9, "radius_k": 10, "pitch_k": 11,
+    "alpha": 13, "beta": 14,
+}
+_NUM_INPUTS = 20
+
+
+def _module(name: str):
+    return importlib.import_module(f"echo_kernels.{name}")
+
+
+def _unpack(args):
+    q, k, v = args[0:3]
+    fq = PitchFeatures(*args[3:8])
+    fk = PitchFeatures(*args[8:13])
+    alpha, beta, q_lengths, k_lengths, bias, causal, scale = args[13:20]
+    return q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale
+
+
+def _register(name: str):
+    def fwd_impl(*args):
+        return _module(name).forward(*_unpack(args))
+
+    def bwd_impl(dout, out, lse, *args):
+        q, k, v, fq, fk, alpha, beta, bias, causal, ql, kl, scale = _unpack(args)
+        grads = _module(name).backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, ql, kl, scale)
+        return tuple(g.contiguous() for g in grads)
+
+    fwd = torch.library.custom_op(f"echo_kernels::{name}_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
+    bwd = torch.library.custom_op(f"echo_kernels::{name}_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
+
+    @fwd.register_fake
+    def _fwd_fake(*args):
+        q, v, pos_q = args[0], args[2], args[3]
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        return out, pos_q.new_empty(q.shape[:-1])
+
+    @bwd.register_fake
+    def _bwd_fake(dout, out, lse, *args):
+        q, k, v = args[0:3]
+        fq, fk = args[3:8], args[8:13]
+        alpha, beta = args[13], args[14]
+        return (
+            torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(fq[1]), torch.empty_like(fq[2]), torch.empty_like(fq[3]),
+            torch.empty_like(fk[1]), torch.empty_like(fk[2]), torch.empty_like(fk[3]),
+            torch.empty_like(alpha), torch.empty_like(beta),
+        )
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:17], output[0], output[1])
+        ctx.flags = inputs[17:20]
+
+    def backward(ctx, dout, _dlse):
+        *saved, out, lse = ctx.saved_tensors
+        grads = bwd(dout.contiguous(), out, lse, *saved, *ctx.flags)
+        result = [None] * _NUM_INPUTS
+        for grad, index in zip(grads, _DIFFERENTIABLE.values()):
+            if ctx.needs_input_grad[index]:
+                result[index] = grad
+        return tuple(result)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+_OPS: dict[str, object] = {}
+
+
+def fused_op(name: str):
+    """The autograd-aware forward custom op of backend ``name`` (registered on first use)."""
+    if name not in _OPS:
+        _OPS[name] = _register(name)
+    return _OPS[name]
+
+
+def fused_attention(
+    name: str, q: Tensor, k: Tensor, v: Tensor, fq: PitchFeatures, fk: PitchFeatures,
+    alpha: Tensor, beta: Tensor, bias: int, causal: bool,
+    q_lengths: Tensor, k_lengths: Tensor, scale: float,
+) -> Tensor:
+    """Run backend ``name`` through its custom op; returns the output ``[B, H, Tq, D]``."""
+    out, _lse = fused_op(name)(
+        q.contiguous(), k.contiguous(), v.contiguous(),
+        *(t.contiguous() for t in fq), *(t.contiguous() for t in fk),
+        alpha.contiguous(), beta, q_lengths, k_lengths, int(bias), bool(causal), float(scale),
+    )
+    return out

@@ -1,0 +1,117 @@
+"""Random inputs and the golden comparison shared by every backend's tests.
+
+``make_case`` draws q/k/v, f0 with unvoiced stretches, lengths with padding and the
+per-head alpha; ``run`` evaluates one backend on a case and returns its output and
+every gradient; ``assert_close_to_golden`` applies FlashAttention's rule: the fused
+result's max error against the float64 golden is at most ``factor`` times the
+same-precision reference's error, plus ``atol``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import echo_kernels as ek
+
+GRAD_NAMES = (
+    "q", "k", "v", "log_theta_q", "radius_q", "pitch_q", "log_theta_k", "radius_k", "pitch_k", "alpha", "beta",
+)
+
+
+@dataclass
+class Case:
+    batch: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    tq: int = 97
+    tk: int = 113
+    dim: int = 32
+    bias: str | None = "exp"
+    causal: bool = False
+    padded: bool = True
+    voiced_fraction: float = 0.7
+    theta_mode: str = "f0"
+    radius_mode: str = "f0"
+    empty_row: bool = False  # one batch entry with k_length 0: every row fully masked
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def random_f0(batch: int, length: int, voiced_fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Speech-like f0 [B, T] in Hz: a smooth contour around 90-250 Hz with unvoiced gaps."""
+    base = 90 + 160 * torch.rand(batch, 1, generator=gen, dtype=torch.float64)
+    wobble = 1 + 0.2 * torch.sin(torch.linspace(0, 6, length, dtype=torch.float64))[None] * torch.rand(
+        batch, 1, generator=gen, dtype=torch.float64
+    )
+    f0 = base * wobble
+    voiced = torch.rand(batch, length, generator=gen, dtype=torch.float64) < voiced_fraction
+    return torch.where(voiced, f0, torch.zeros_like(f0))
+
+
+def make_case(case: Case, dtype: torch.dtype, device: str = "cpu"):
+    """Inputs of one case as a dict of float64 leaf tensors (cast per run)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    b, h, hk, tq, tk, d = case.batch, case.heads, case.kv_heads, case.tq, case.tk, case.dim
+    q = torch.randn(b, h, tq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hk, tk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hk, tk, d, generator=gen, dtype=torch.float64)
+    f0q = random_f0(b, tq, case.voiced_fraction, gen)
+    f0k = random_f0(b, tk, case.voiced_fraction, gen)
+    q_lengths = torch.full((b,), tq, dtype=torch.int64)
+    k_lengths = torch.full((b,), tk, dtype=torch.int64)
+    if case.padded and b > 1:
+        q_lengths[-1] = max(1, tq * 2 // 3)
+        k_lengths[-1] = max(1, tk * 3 // 5)
+    if case.empty_row:
+        k_lengths[0] = 0
+    alpha = 0.5 + torch.rand(h, generator=gen, dtype=torch.float64)
+    dout = torch.randn(b, h, tq, d, generator=gen, dtype=torch.float64)
+    return dict(q=q, k=k, v=v, f0q=f0q, f0k=f0k, q_lengths=q_lengths, k_lengths=k_lengths, alpha=alpha,
+                beta=torch.tensor(0.8, dtype=torch.float64), dout=dout, dtype=dtype, device=device)
+
+
+def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None, grads: bool = True):
+    """Output and gradients (dict name -> float64 tensor on CPU) of ``backend`` in ``dtype``."""
+    dtype = dtype or inputs["dtype"]
+    device = inputs["device"]
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def leaf(t, dt):
+        return t.to(device=device, dtype=dt).detach().requires_grad_(grads)
+
+    q, k, v = (leaf(inputs[n], dtype) for n in ("q", "k", "v"))
+    ql, kl = inputs["q_lengths"].to(device), inputs["k_lengths"].to(device)
+    mode = dict(theta_mode=case.theta_mode, radius_mode=case.radius_mode, dtype=stat)
+    fq = ek.pitch_features(inputs["f0q"].to(device), lengths=ql, **mode)
+    fk = ek.pitch_features(inputs["f0k"].to(device), lengths=kl, **mode)
+    fq = fq._replace(**{n: getattr(fq, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})
+    fk = fk._replace(**{n: getattr(fk, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})
+    alpha, beta = leaf(inputs["alpha"], stat), leaf(inputs["beta"], stat)
+    out = ek.rope_attention(
+        q, k, v, features=fq, features_k=fk, bias=case.bias, alpha=alpha, beta=beta, causal=case.causal,
+        q_lengths=ql, k_lengths=kl, backend=backend,
+    )
+    result = {"out": out.detach()}
+    if grads:
+        wrt = [q, k, v, fq.log_theta, fq.radius, fq.pitch, fk.log_theta, fk.radius, fk.pitch, alpha, beta]
+        got = torch.autograd.grad(out, wrt, inputs["dout"].to(device=device, dtype=dtype), materialize_grads=True)
+        result.update(dict(zip(GRAD_NAMES, got)))
+    return {name: t.to("cpu", torch.float64) for name, t in result.items()}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_golden(fused: dict, reference: dict, golden: dict, factor: float = 2.0,
+                           grad_factor: float = 3.0, atol: float = 1e-5) -> None:
+    """FlashAttention's rule on the output and every gradient present in ``fused``."""
+    for name, value in fused.items():
+        assert torch.isfinite(value).all(), f"{name}: non-finite values"
+        f = factor if name == "out" else grad_factor
+        # Gradients of sums over many tokens grow with their size: scale atol by the magnitude.
+        tol = f * max_err(reference[name], golden[name]) + atol * max(1.0, golden[name].abs().max().item())
+        err = max_err(value, golden[name])
+        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (reference error x{f} + atol)"
