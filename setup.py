@@ -21,7 +21,7 @@ from setuptools import setup
 if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
+from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

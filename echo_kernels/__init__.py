@@ -8,5 +8,5 @@ from .features import PitchFeatures, pitch_features
 from .interface import rope_attention
 from .modules import RopeAttention
 
-__all__ = ["PitchFeatures", "pitch_features", "rope_attention", "RopeAttention", "backends"]
+__all__ = ["PitchFeatures", "RopeAttention", "backends", "pitch_features", "rope_attention"]
 __version__ = "0.1.0"

@@ -173,7 +173,7 @@ def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, sc
     qs = rotate(q, fq).split.to(q.dtype)
     ks = rotate(k, fk).split.to(k.dtype).repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
-    batch, heads, tq, dim = q.shape
+    batch, heads, tq, _ = q.shape
     row_max = torch.full((batch, heads, tq), float("-inf"), device=q.device, dtype=stat)
     row_sum = torch.zeros(batch, heads, tq, device=q.device, dtype=stat)
     acc = torch.zeros(batch, heads, tq, v.shape[-1], device=q.device, dtype=stat)
@@ -227,8 +227,7 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
             dpitch_k[:, sl] += dpk
     dq, dlt_q, dr_q = unrotate(dqs, q, rq)
     dk, dlt_k, dr_k = unrotate(dks, k, rk, groups)
-    batch, kv_heads, tk, dim = v.shape
-    dv = dvx.view(batch, kv_heads, groups, tk, dim).sum(dim=2)
+    dv = dvx.view(v.shape[0], v.shape[1], groups, *v.shape[2:]).sum(dim=2)
     return Grads(
         dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
         dlt_q, dr_q, dpitch_q, dlt_k, dr_k, dpitch_k, dalpha, dbeta,

@@ -37,7 +37,7 @@ def unavailable_reason(name: str) -> str | None:
         return None
     try:
         return backend_module(name).unavailable_reason()
-    except Exception as exc:  # a broken backend must not break the package
+    except Exception as exc:  # noqa: BLE001  (a broken backend must not break the package)
         return f"failed to load: {type(exc).__name__}: {exc}"
 
 

@@ -167,7 +167,7 @@ def rope_attention(
 
     ql = _resolve_lengths(q_lengths, batch, tq, "q_lengths", device)
     kl = _resolve_lengths(k_lengths, batch, tk, "k_lengths", device)
-    feature_args = dict(theta=theta, theta_mode=theta_mode, radius_mode=radius_mode)
+    feature_args = {"theta": theta, "theta_mode": theta_mode, "radius_mode": radius_mode}
     fq = _side_features(features, f0, batch, tq, q_lengths, "features", stat_dtype, device, feature_args)
     if features_k is None and f0_k is None and tq == tk:
         # Self-attention: the keys are the query tokens.

@@ -68,8 +68,8 @@ def make_case(case: Case, dtype: torch.dtype, device: str = "cpu"):
         k_lengths[0] = 0
     alpha = 0.5 + torch.rand(h, generator=gen, dtype=torch.float64)
     dout = torch.randn(b, h, tq, d, generator=gen, dtype=torch.float64)
-    return dict(q=q, k=k, v=v, f0q=f0q, f0k=f0k, q_lengths=q_lengths, k_lengths=k_lengths, alpha=alpha,
-                beta=torch.tensor(0.8, dtype=torch.float64), dout=dout, dtype=dtype, device=device)
+    return {"q": q, "k": k, "v": v, "f0q": f0q, "f0k": f0k, "q_lengths": q_lengths, "k_lengths": k_lengths, "alpha": alpha,
+                "beta": torch.tensor(0.8, dtype=torch.float64), "dout": dout, "dtype": dtype, "device": device}
 
 
 def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None, grads: bool = True):
@@ -83,7 +83,7 @@ def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None
 
     q, k, v = (leaf(inputs[n], dtype) for n in ("q", "k", "v"))
     ql, kl = inputs["q_lengths"].to(device), inputs["k_lengths"].to(device)
-    mode = dict(theta_mode=case.theta_mode, radius_mode=case.radius_mode, dtype=stat)
+    mode = {"theta_mode": case.theta_mode, "radius_mode": case.radius_mode, "dtype": stat}
     fq = ek.pitch_features(inputs["f0q"].to(device), lengths=ql, **mode)
     fk = ek.pitch_features(inputs["f0k"].to(device), lengths=kl, **mode)
     fq = fq._replace(**{n: getattr(fq, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})

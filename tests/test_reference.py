@@ -1,0 +1,137 @@
+"""The two PyTorch backends: exactness, gradients, edge cases and the plain-RoPE limit."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import Case, make_case, max_err, run
+
+import echo_kernels as ek
+
+BACKENDS = ("reference", "chunked")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", ["exp", "l1"])
+def test_gradcheck_every_input(backend, bias):
+    torch.manual_seed(0)
+    b, h, hk, tq, tk, d = 2, 2, 1, 5, 6, 4
+    dt = torch.float64
+    q = torch.randn(b, h, tq, d, dtype=dt)
+    k = torch.randn(b, hk, tk, d, dtype=dt)
+    v = torch.randn(b, hk, tk, d, dtype=dt)
+    fq = ek.pitch_features(torch.tensor([[100.0, 0, 130, 170, 90], [0, 210, 190, 0, 0]], dtype=dt), dtype=dt)
+    fk = ek.pitch_features(torch.tensor([[120.0, 0, 140, 110, 95, 0], [200, 0, 230, 180, 0, 0]], dtype=dt), dtype=dt)
+    alpha = torch.rand(h, dtype=dt) + 0.5
+    beta = torch.tensor(0.7, dtype=dt)
+    ql, kl = torch.tensor([5, 3]), torch.tensor([6, 4])
+    leaves = [q, k, v, alpha, beta, *fq[1:4], *fk[1:4]]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def fn(q, k, v, alpha, beta, lt_q, r_q, p_q, lt_k, r_k, p_k):
+        fqx = ek.PitchFeatures(fq.pos, lt_q, r_q, p_q, fq.voiced)
+        fkx = ek.PitchFeatures(fk.pos, lt_k, r_k, p_k, fk.voiced)
+        return ek.rope_attention(q, k, v, features=fqx, features_k=fkx, bias=bias, alpha=alpha, beta=beta,
+                                 causal=True, q_lengths=ql, k_lengths=kl, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+
+
+GRID = list(itertools.product(["exp", "l1", None], [False, True], ["f0", "fixed", "mean_f0", "f0_offset"]))
+
+
+@pytest.mark.parametrize("bias, causal, theta_mode", GRID)
+def test_chunked_equals_dense_in_float64(bias, causal, theta_mode):
+    radius_mode = "unit" if theta_mode == "fixed" else "f0"
+    case = Case(tq=97, tk=140 if not causal else 113, bias=bias, causal=causal, theta_mode=theta_mode,
+                radius_mode=radius_mode, voiced_fraction=0.6, seed=GRID.index((bias, causal, theta_mode)))
+    inputs = make_case(case, torch.float64)
+    dense, chunked = run(case, inputs, "reference"), run(case, inputs, "chunked")
+    for name in dense:
+        assert max_err(dense[name], chunked[name]) <= 1e-12 * max(1.0, dense[name].abs().max().item()), name
+
+
+def test_unvoiced_and_empty_rows_are_exact_zeros():
+    case = Case(empty_row=True, voiced_fraction=0.0, causal=True)
+    inputs = make_case(case, torch.float64)
+    for backend in BACKENDS:
+        result = run(case, inputs, backend)
+        assert torch.equal(result["out"][0], torch.zeros_like(result["out"][0]))  # k_length 0
+        padded_rows = result["out"][-1, :, int(inputs["q_lengths"][-1]):]
+        assert torch.equal(padded_rows, torch.zeros_like(padded_rows))
+        assert all(torch.isfinite(t).all() for t in result.values())
+        assert torch.equal(result["q"][0], torch.zeros_like(result["q"][0]))
+        # No voiced frame: the bias adds nothing, so its parameters get no gradient.
+        assert result["alpha"].abs().max() == 0 and result["beta"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_length_sequences(backend):
+    q = torch.randn(1, 2, 0, 8)
+    k = torch.randn(1, 2, 0, 8)
+    out = ek.rope_attention(q, k, k.clone(), backend=backend)
+    assert out.shape == (1, 2, 0, 8)
+    q = torch.randn(1, 2, 3, 8)
+    out = ek.rope_attention(q, k, k.clone(), backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def standard_rope(x, theta=10000.0):
+    """Interleaved-pair RoPE written from scratch with real arithmetic."""
+    t, d = x.shape[-2], x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    xe, xo = x[..., 0::2], x[..., 1::2]
+    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("causal", [False, True])
+def test_plain_rope_matches_sdpa(backend, causal):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 33, 16, dtype=torch.float64) for _ in range(3))
+    ours = ek.rope_attention(q, k, v, causal=causal, backend=backend, theta_mode="fixed", radius_mode="unit")
+    expected = F.scaled_dot_product_attention(standard_rope(q), standard_rope(k), v, is_causal=causal)
+    assert max_err(ours, expected) < 1e-12
+
+
+def test_f0_k_defaults_to_f0_for_self_attention():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    f0 = torch.linspace(90, 200, 9, dtype=torch.float64)[None]
+    a = ek.rope_attention(q, k, v, f0, backend="reference")
+    b = ek.rope_attention(q, k, v, f0, f0_k=f0, backend="reference")
+    c = ek.rope_attention(q, k, v, backend="reference")
+    assert torch.equal(a, b) and max_err(a, c) > 1e-3
+
+
+def test_auto_uses_a_working_backend():
+    case = Case(tq=40, tk=40)
+    inputs = make_case(case, torch.float32)
+    auto, golden = run(case, inputs, "auto"), run(case, inputs, "reference", torch.float64)
+    assert max_err(auto["out"], golden["out"]) < 1e-4
+    info = ek.backends()
+    assert set(info) == {"reference", "chunked", "triton", "cuda", "cpu"}
+    assert info["reference"].available and info["chunked"].available
+    assert all(isinstance(i.reason, str) and i.reason for i in info.values())
+
+
+def test_low_precision_reference_is_close():
+    case = Case(tq=64, tk=64)
+    inputs = make_case(case, torch.float16)
+    golden = run(case, inputs, "reference", torch.float64)
+    for backend in BACKENDS:
+        result = run(case, inputs, backend, torch.float16)
+        assert max_err(result["out"], golden["out"]) < 5e-3, backend
+        assert max_err(result["q"], golden["q"]) < 5e-3 * max(1, golden["q"].abs().max().item()), backend
+
+
+def test_scale_argument():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 5, 4, dtype=torch.float64) for _ in range(3))
+    a = ek.rope_attention(2 * q, k, v, scale=0.25, bias=None, backend="chunked")
+    b = ek.rope_attention(q, k, v, scale=0.5, bias=None, backend="chunked")
+    assert max_err(a, b) < 1e-12

@@ -1,0 +1,101 @@
+"""Every bad input raises an error that names the argument and what is allowed."""
+
+import pytest
+import torch
+
+import echo_kernels as ek
+
+
+def qkv(b=2, h=4, hk=2, tq=5, tk=6, d=8, dtype=torch.float32):
+    return torch.randn(b, h, tq, d, dtype=dtype), torch.randn(b, hk, tk, d, dtype=dtype), torch.randn(b, hk, tk, d, dtype=dtype)
+
+
+def call(**overrides):
+    q, k, v = qkv()
+    args = {"q": q, "k": k, "v": v}
+    args.update(overrides)
+    return ek.rope_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+BAD = {
+    "q rank": ({"q": torch.randn(2, 5, 8)}, ValueError, "q must have shape"),
+    "q not a tensor": ({"q": [[1.0]]}, TypeError, "q must be a torch.Tensor"),
+    "integer q": ({"q": torch.ones(2, 4, 5, 8, dtype=torch.int32)}, TypeError, "q must be float16"),
+    "dtype mismatch": ({"k": torch.randn(2, 2, 6, 8, dtype=torch.float64)}, TypeError, "share one dtype"),
+    "batch mismatch": ({"k": torch.randn(3, 2, 6, 8), "v": torch.randn(3, 2, 6, 8)}, ValueError, "batch size"),
+    "kv heads mismatch": ({"v": torch.randn(2, 1, 6, 8)}, ValueError, "same number of heads"),
+    "kv length mismatch": ({"v": torch.randn(2, 2, 7, 8)}, ValueError, "same length Tk"),
+    "head dim mismatch": ({"k": torch.randn(2, 2, 6, 4)}, ValueError, "head dim D"),
+    "odd head dim": ({"q": torch.randn(2, 4, 5, 7), "k": torch.randn(2, 2, 6, 7), "v": torch.randn(2, 2, 6, 7)},
+                     ValueError, "must be even"),
+    "H % Hk": ({"k": torch.randn(2, 3, 6, 8), "v": torch.randn(2, 3, 6, 8)}, ValueError, "multiple of the key/value"),
+    "f0 shape": ({"f0": torch.rand(2, 4) * 100}, ValueError, r"f0 must have shape \[2, 5\]"),
+    "f0_k shape": ({"f0_k": torch.rand(2, 5) * 100}, ValueError, r"f0_k must have shape \[2, 6\]"),
+    "f0 negative": ({"f0": -torch.ones(2, 5)}, ValueError, ">= 0"),
+    "f0 nan": ({"f0": torch.full((2, 5), float("nan"))}, ValueError, "finite"),
+    "features type": ({"features": (1, 2)}, TypeError, "PitchFeatures"),
+    "features shape": ({"features": ek.pitch_features(torch.ones(2, 4) * 100)}, ValueError, r"features.pos must have shape"),
+    "features dtype": ({"features": ek.pitch_features(torch.ones(2, 5) * 100, dtype=torch.float64)}, TypeError,
+                       "features.pos must be torch.float32"),
+    "q_lengths shape": ({"q_lengths": torch.tensor([5])}, ValueError, r"q_lengths must have shape \[2\]"),
+    "q_lengths range": ({"q_lengths": torch.tensor([5, 6])}, ValueError, r"q_lengths must lie in \[0, 5\]"),
+    "k_lengths negative": ({"k_lengths": torch.tensor([-1, 2])}, ValueError, "k_lengths must lie in"),
+    "k_lengths float": ({"k_lengths": torch.tensor([1.0, 2.0])}, TypeError, "k_lengths must be an integer"),
+    "unknown bias": ({"bias": "gauss"}, ValueError, "bias must be"),
+    "unknown backend": ({"backend": "fast"}, ValueError, "backend must be one of"),
+    "unknown theta_mode": ({"f0": torch.ones(2, 5) * 100, "theta_mode": "log"}, ValueError, "theta_mode"),
+    "unknown radius_mode": ({"f0": torch.ones(2, 5) * 100, "radius_mode": "x"}, ValueError, "radius_mode"),
+    "alpha shape": ({"alpha": torch.ones(2)}, ValueError, r"alpha must have shape \[4\]"),
+    "alpha type": ({"alpha": [1.0] * 4}, TypeError, "alpha must be a tensor"),
+    "beta negative": ({"beta": -1.0}, ValueError, "beta must be a positive"),
+    "beta shape": ({"beta": torch.ones(2)}, ValueError, "beta must be a float or a 0-d"),
+    "beta type": ({"beta": "1"}, TypeError, "beta must be"),
+    "causal type": ({"causal": 1}, TypeError, "causal must be a bool"),
+    "scale type": ({"scale": "0.1"}, TypeError, "scale must be"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_named_error(name):
+    overrides, error, match = BAD[name]
+    with pytest.raises(error, match=match):
+        call(**overrides)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(NotImplementedError, match="backend='cuda'"):
+        call(backend="cuda")
+
+
+def test_float64_features_with_float32_q_rejected_but_float64_works():
+    q, k, v = qkv(dtype=torch.float64)
+    out = ek.rope_attention(q, k, v, features=ek.pitch_features(torch.ones(2, 5) * 100, dtype=torch.float64),
+                            f0_k=torch.ones(2, 6) * 90, backend="chunked")
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dim": 10, "num_heads": 3}, "multiple of num_heads"),
+        ({"dim": 12, "num_heads": 4}, "must be even"),
+        ({"dim": 16, "num_heads": 4, "num_kv_heads": 3}, "multiple of num_kv_heads"),
+        ({"dim": 16, "num_heads": 4, "bias": "cos"}, "bias must be"),
+    ],
+)
+def test_module_rejects_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ek.RopeAttention(**kwargs)
+
+
+def test_module_rejects_bad_calls():
+    self_attn, cross_attn = ek.RopeAttention(16, 2), ek.RopeAttention(16, 2, cross=True)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, 16\]"):
+        self_attn(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="context is required"):
+        cross_attn(x)
+    with pytest.raises(ValueError, match="only for cross=True"):
+        self_attn(x, context=x)
+    with pytest.raises(ValueError, match="context must have shape"):
+        cross_attn(x, context=torch.randn(3, 4, 16))
