@@ -1,0 +1,1 @@
+"""pytest-benchmark suites for echo_kernels (`pytest benchmarks/ --benchmark`)."""
