@@ -13,10 +13,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 
 def load(path: Path) -> tuple[list[dict], dict]:
@@ -63,6 +59,14 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], key: str, ylabel: str, out: Path) -> None:
     sweep = [r for r in rows if r["name"] == "sweep" and key in r]
     if not sweep:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # a bare GPU machine may lack it: the table still comes out
+        print(f"matplotlib is not installed: {out.name} not drawn")
         return
     panels = sorted({(r["mode"], r["causal"], r["dim"]) for r in sweep})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
