@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 
 
-
 def load(path: Path) -> tuple[list[dict], dict]:
     data = json.loads(path.read_text())
     rows = []
