@@ -10,6 +10,7 @@ serves everything, so ``"auto"`` never fails and never picks a wrong answer.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import NamedTuple
 
 from torch import Tensor
@@ -28,8 +29,10 @@ class BackendInfo(NamedTuple):
 
 def backend_module(name: str):
     """The module implementing fused backend ``name``."""
-    module = {"triton": "echo_kernels.triton", "cuda": "echo_kernels.cuda", "cpu": "echo_kernels.cpu"}
-    return importlib.import_module(module.get(name, f"echo_kernels.{name}"))
+    full_name = f"echo_kernels.{name}"
+    # sys.modules first: torch.compile (fullgraph) refuses to trace importlib calls.
+    module = sys.modules.get(full_name)
+    return module if module is not None else importlib.import_module(full_name)
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -72,6 +72,8 @@ def check_f0(f0: Tensor, name: str = "f0") -> None:
         raise ValueError(f"{name} must have shape [B, T], got {tuple(f0.shape)}")
     if not f0.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (Hz), got {f0.dtype}")
+    if torch.compiler.is_compiling():
+        return  # value checks would be data-dependent branches; eager calls have run them
     if f0.numel() and not bool(torch.isfinite(f0).all()):
         raise ValueError(f"{name} must be finite; found NaN or inf (use 0 for unvoiced frames)")
     if f0.numel() and bool((f0 < 0).any()):
@@ -163,5 +165,5 @@ def check_lengths(lengths: Tensor, batch: int, length: int, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape [{batch}] (one length per batch entry), got {tuple(lengths.shape)}")
-    if lengths.numel() and bool(((lengths < 0) | (lengths > length)).any()):
+    if not torch.compiler.is_compiling() and lengths.numel() and bool(((lengths < 0) | (lengths > length)).any()):
         raise ValueError(f"{name} must lie in [0, {length}], got {lengths.tolist()}")

@@ -124,3 +124,8 @@ def fused_attention(
         alpha.contiguous(), beta, q_lengths, k_lengths, int(bias), bool(causal), float(scale),
     )
     return out
+
+
+# Registered at import: registering inside a region torch.compile is tracing fails.
+for _name in ("chunked", "triton", "cuda", "cpu"):
+    fused_op(_name)

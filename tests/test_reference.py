@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import Case, make_case, max_err, run
 
 import echo_kernels as ek
+from cases import Case, make_case, max_err, run
 
 BACKENDS = ("reference", "chunked")
 

@@ -1,6 +1,8 @@
-// Python module of the CPU extension: build facts here; kernels register their own
-// bindings through the functions declared in bindings.h.
+// Python module of the CPU extension: build facts and the fused vRoPE attention kernels
+// (declared in vrope_common.h, implemented in attention_fwd.cpp / attention_bwd.cpp).
 #include <torch/extension.h>
+
+#include "vrope_common.h"
 
 #include <string>
 
@@ -32,4 +34,16 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "echo_kernels fused CPU kernels";
   m.def("build_info", &build_info, "How this extension was compiled");
+  m.def("forward", &vrope::forward,
+        "Fused vRoPE attention forward -> [out [B, H, Tq, D], lse [B, H, Tq]]. Features are lists of the 5 "
+        "PitchFeatures tensors; bias 0 none / 1 exp / 2 l1.",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("fq"), pybind11::arg("fk"),
+        pybind11::arg("alpha"), pybind11::arg("beta"), pybind11::arg("q_lengths"), pybind11::arg("k_lengths"),
+        pybind11::arg("bias"), pybind11::arg("causal"), pybind11::arg("scale"));
+  m.def("backward", &vrope::backward,
+        "Fused vRoPE attention backward -> the 11 gradients of echo_kernels.chunked.Grads, in order.",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("fq"), pybind11::arg("fk"), pybind11::arg("alpha"),
+        pybind11::arg("beta"), pybind11::arg("q_lengths"), pybind11::arg("k_lengths"), pybind11::arg("bias"),
+        pybind11::arg("causal"), pybind11::arg("scale"));
 }

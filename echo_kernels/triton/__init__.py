@@ -1,11 +1,183 @@
-"""Fused Triton backend (not written yet: see the Triton kernels issue)."""
+"""Fused Triton backend: flash-style vRoPE attention forward and deterministic backward.
+
+The kernels live in ``forward_kernel.py`` (one flash kernel) and ``backward_kernels.py`` (delta, dK/dV,
+dQ), built from the shared pieces of ``common.py``; this module checks what the backend
+can serve, allocates outputs, launches, and reduces the backward's per-head partials.
+
+Supported: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
+interpreter: slow, for tests); q/k/v float16, bfloat16 (GPU only: the interpreter's
+bfloat16 ``tl.dot`` is wrong) or float32 (IEEE dots: no TF32); head dims 32, 64, 128,
+256 (the rotation works on D/2-wide half tiles and ``tl.dot`` needs K >= 16); any lengths,
+GQA/MQA, bias none/exp/l1, causal, padding.
+
+Set ``ECHO_KERNELS_POISON=1`` to fill every output buffer with NaN before the kernels
+write it (tests use it to prove every element is written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from ..chunked import Grads
+from ._env import interpreting, poisoning
 
 NAME = "triton"
+HEAD_DIMS = (32, 64, 128, 256)
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRETER_DTYPES = (torch.float16, torch.float32)
 
 
 def unavailable_reason() -> str | None:
-    return "not implemented yet (fused Triton kernels are still to land)"
+    """None when Triton kernels can run in this process, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if torch.cuda.is_available() or interpreting():
+        return None
+    return "no CUDA device, and TRITON_INTERPRET=1 is not set (the Triton interpreter runs kernels on CPU)"
 
 
-def unsupported_reason(q, k, v, bias, causal) -> str | None:
-    return unavailable_reason()
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, bias: int, causal: bool) -> str | None:
+    """None when these inputs can run here, else a reason naming the argument and what is supported."""
+    if q.device.type == "cuda":
+        dtypes = _GPU_DTYPES
+    elif q.device.type == "cpu" and interpreting():
+        dtypes = _INTERPRETER_DTYPES
+    else:
+        return f"q is on {q.device}; the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    if q.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        where = "on CUDA" if q.device.type == "cuda" else "under the Triton interpreter (bfloat16 dots are wrong there)"
+        return f"q.dtype={q.dtype} is not supported by the Triton backend {where}; supported: {names}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim D={q.shape[-1]} is not supported by the Triton backend; supported: {HEAD_DIMS}"
+    return None
+
+
+def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
+    """An output buffer; NaN-filled under ``ECHO_KERNELS_POISON=1`` so unwritten elements show."""
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def _features(f) -> list[Tensor]:
+    return [t.to(torch.float32).contiguous() for t in f]
+
+
+def _common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths):
+    """Features, alpha/beta and lengths, as the kernels take them (float32 / int32, contiguous)."""
+    return [
+        *_features(fq), *_features(fk),
+        alpha.to(torch.float32).contiguous(), beta.to(torch.float32).reshape(()),
+        q_lengths.to(torch.int32).contiguous(), k_lengths.to(torch.int32).contiguous(),
+    ]
+
+
+def _meta(q, k, bias, causal):
+    """``(H, GROUPS, Tq, Tk)`` and the constexprs shared by every launch."""
+    heads, tq, dim = q.shape[1:]
+    kv_heads, tk = k.shape[1], k.shape[2]
+    ints = (heads, heads // kv_heads, tq, tk)
+    constexprs = {
+        "HEAD_DIM": dim, "BIAS": int(bias), "CAUSAL": bool(causal),
+        # float32 dots stay IEEE-exact (no TF32); for half types the setting has no effect.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+    return ints, constexprs
+
+
+def _device(t: Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device), or no-op on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale):
+    """Returns ``(out [B, H, Tq, D] q.dtype, lse [B, H, Tq] float32, -inf on rows with no allowed key)``."""
+    import triton
+
+    from .common import LOG2E
+    from .forward_kernel import attention_fwd_kernel
+
+    batch, heads, tq, dim = q.shape
+    tk = k.shape[2]
+    out = _empty(batch, heads, tq, dim, like=q)
+    lse = _empty(batch, heads, tq, like=q, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    if tk == 0:  # no key anywhere: every row is empty
+        return out.zero_(), lse.fill_(float("-inf"))
+    ints, constexprs = _meta(q, k, bias, causal)
+
+    # The autotuner re-tunes for every distinct key: bucketing the lengths (next power
+    # of two) lets variable-length ASR batches share one tuning.
+    buckets = (triton.next_power_of_2(tq), triton.next_power_of_2(tk))
+
+    def grid(meta):
+        return (triton.cdiv(tq, meta["BLOCK_M"]), batch * heads)
+
+    with _device(q):
+        attention_fwd_kernel[grid](
+            q, k, v, out, lse, *_common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths),
+            float(scale) * LOG2E.value, *ints, *buckets, **constexprs,
+        )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale) -> Grads:
+    """Every gradient of ``chunked.Grads``: dq/dk/dv in the input dtype, the rest float32.
+
+    Feature gradients are ``[B, T]`` summed over heads, dalpha ``[H]``, dbeta 0-d. The
+    kernels write per-head / per-row partials; they are reduced here with ``torch.sum``
+    over fixed dimensions, so the result is bitwise reproducible.
+    """
+    import triton
+
+    from .backward_kernels import delta_kernel, dkdv_kernel, dq_kernel
+    from .configs import backward_config
+
+    batch, heads, tq, dim = q.shape
+    kv_heads, tk = k.shape[1], k.shape[2]
+    f32 = torch.float32
+    dq = _empty(batch, heads, tq, dim, like=q)
+    dk = _empty(batch, kv_heads, tk, dim, like=k)
+    dv = _empty(batch, kv_heads, tk, dim, like=v)
+    q_parts = [_empty(batch, heads, tq, like=q, dtype=f32) for _ in range(5)]  # log_theta, radius, pitch, alpha, beta
+    k_parts = [_empty(batch, kv_heads, tk, like=k, dtype=f32) for _ in range(3)]  # log_theta, radius, pitch
+    if dq.numel() == 0 or tk == 0:
+        # Nothing attends to anything: every gradient is zero.
+        for t in (dq, dk, dv, *q_parts, *k_parts):
+            t.zero_()
+    else:
+        ints, constexprs = _meta(q, k, bias, causal)
+        common = _common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths)
+        dout = dout.contiguous()
+        delta = _empty(batch, heads, tq, like=q, dtype=f32)
+        launch = backward_config(dim, q.device)
+        kv_grid = (triton.cdiv(tk, launch["dkdv"]["BLOCK_N"]), batch * kv_heads)
+        q_grid = (triton.cdiv(tq, launch["dq"]["BLOCK_M"]), batch * heads)
+        block = 64
+        with _device(q):
+            delta_kernel[(triton.cdiv(tq, block), batch * heads)](out, dout, delta, tq, HEAD_DIM=dim, BLOCK_M=block)
+            dkdv_kernel[kv_grid](
+                q, k, v, dout, lse, delta, dk, dv, *k_parts, *common, float(scale), *ints,
+                **constexprs, **launch["dkdv"],
+            )
+            dq_kernel[q_grid](
+                q, k, v, dout, lse, delta, dq, *q_parts, *common, float(scale), *ints,
+                **constexprs, **launch["dq"],
+            )
+
+    dlt_q, dr_q, dp_q, dalpha_rows, dbeta_rows = q_parts
+    dlt_k, dr_k, dp_k = k_parts
+    return Grads(
+        dq, dk, dv,
+        dlt_q.sum(dim=1), dr_q.sum(dim=1), dp_q.sum(dim=1),
+        dlt_k.sum(dim=1), dr_k.sum(dim=1), dp_k.sum(dim=1),
+        dalpha_rows.sum(dim=(0, 2)).to(alpha.dtype), dbeta_rows.sum().to(beta.dtype),
+    )

@@ -1,0 +1,466 @@
+// Shared pieces of the fused CPU vRoPE attention kernels (forward and backward):
+// SIMD helpers, the tile gemm, rotation tables, the pitch bias, masks and input checks.
+// One way to do each thing, so the two passes agree bit for bit on what they recompute.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VROPE_AVX2 1
+#endif
+
+namespace vrope {
+
+// Flash-style tiles: 64 query rows against 64 keys. Widths of every tile buffer are
+// padded to kPad (two AVX2 float vectors) so the SIMD loops need no tails.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+constexpr int64_t kPad = 16;
+constexpr int64_t kRows = 4;  // tile row counts are padded to this (zero rows)
+
+enum BiasKind : int64_t { kBiasNone = 0, kBiasExp = 1, kBiasL1 = 2 };
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+template <typename T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+// ---------------------------------------------------------------------------------
+// SIMD vector: one lane generic fallback, AVX2 specialisations for float and double.
+// ---------------------------------------------------------------------------------
+template <typename T>
+struct Vec {
+  static constexpr int64_t size = 1;
+  T v;
+  static Vec load(const T* p) { return {*p}; }
+  static Vec set1(T x) { return {x}; }
+  void store(T* p) const { *p = v; }
+  friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  friend Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
+  friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  Vec abs() const { return {std::abs(v)}; }
+  Vec sign() const { return {T((v > T(0)) - (v < T(0)))}; }
+  Vec exp() const { return {std::exp(v)}; }
+  T sum() const { return v; }
+  T max_lane() const { return v; }
+};
+
+#ifdef VROPE_AVX2
+// exp on 8 floats: n = round(x / ln2), r = x - n ln2 (two-part ln2), Taylor to degree 7
+// (|r| <= ln2 / 2, truncation < 1e-8 relative), times 2^n. Inputs below -87.3 (where
+// float exp leaves the normal range), -inf included, give exactly 0: masked scores
+// must contribute nothing.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606820309417e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+template <>
+struct Vec<float> {
+  static constexpr int64_t size = 8;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  Vec abs() const { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)}; }
+  Vec sign() const {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 pos = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), one);
+    const __m256 neg = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), one);
+    return {_mm256_sub_ps(pos, neg)};
+  }
+  Vec exp() const { return {exp_ps(v)}; }
+  // Horizontal reductions in a fixed lane order (determinism does not depend on it,
+  // but readers can reproduce it).
+  float sum() const {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    float s = t[0];
+    for (int i = 1; i < 8; ++i) s += t[i];
+    return s;
+  }
+  float max_lane() const {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    float m = t[0];
+    for (int i = 1; i < 8; ++i) m = std::max(m, t[i]);
+    return m;
+  }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int64_t size = 4;
+  __m256d v;
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm256_max_pd(a.v, b.v)}; }
+  Vec abs() const { return {_mm256_andnot_pd(_mm256_set1_pd(-0.0), v)}; }
+  Vec sign() const {
+    const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+    const __m256d pos = _mm256_and_pd(_mm256_cmp_pd(v, zero, _CMP_GT_OQ), one);
+    const __m256d neg = _mm256_and_pd(_mm256_cmp_pd(v, zero, _CMP_LT_OQ), one);
+    return {_mm256_sub_pd(pos, neg)};
+  }
+  // float64 is the exact (golden-speed) path: libm exp per lane.
+  Vec exp() const {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, v);
+    for (double& x : t) x = std::exp(x);
+    return {_mm256_load_pd(t)};
+  }
+  double sum() const {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, v);
+    return ((t[0] + t[1]) + t[2]) + t[3];
+  }
+  double max_lane() const {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, v);
+    return std::max(std::max(t[0], t[1]), std::max(t[2], t[3]));
+  }
+};
+#endif  // VROPE_AVX2
+
+// ---------------------------------------------------------------------------------
+// Tile gemm: C[M, N] (+)= A[M, K] * B[K, N], all row-major with leading dimensions.
+// N must be a multiple of 2 * Vec<T>::size (callers pad tiles to kPad). A register tile
+// of R rows x 2 vectors accumulates over K in a fixed order (R = 6: 12 accumulators hide
+// the FMA latency and fit the 16 AVX2 registers with the two B vectors and A broadcast).
+// ---------------------------------------------------------------------------------
+template <typename T, int64_t R>
+inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                      bool accumulate) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size;
+  for (int64_t j = 0; j < N; j += 2 * W) {
+    V c[R][2];
+    for (int64_t r = 0; r < R; ++r) {
+      c[r][0] = accumulate ? V::load(C + r * ldc + j) : V::set1(T(0));
+      c[r][1] = accumulate ? V::load(C + r * ldc + j + W) : V::set1(T(0));
+    }
+    for (int64_t p = 0; p < K; ++p) {
+      const V b0 = V::load(B + p * ldb + j);
+      const V b1 = V::load(B + p * ldb + j + W);
+      for (int64_t r = 0; r < R; ++r) {
+        const V ar = V::set1(A[r * lda + p]);
+        c[r][0] = fmadd(ar, b0, c[r][0]);
+        c[r][1] = fmadd(ar, b1, c[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      c[r][0].store(C + r * ldc + j);
+      c[r][1].store(C + r * ldc + j + W);
+    }
+  }
+}
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+          int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) gemm_rows<T, 6>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  const T* a = A + i * lda;
+  T* c = C + i * ldc;
+  switch (M - i) {
+    case 5: gemm_rows<T, 5>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_rows<T, 4>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_rows<T, 3>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_rows<T, 2>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_rows<T, 1>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols.
+template <typename T>
+void transpose(const T* in, int64_t ld_in, int64_t rows, int64_t cols, T* out, int64_t ld_out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[c * ld_out + r] = in[r * ld_in + c];
+}
+
+// ---------------------------------------------------------------------------------
+// Row helpers of the softmax and its backward (width n a multiple of kPad).
+// ---------------------------------------------------------------------------------
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  using V = Vec<T>;
+  V m = V::set1(neg_inf<T>());
+  for (int64_t j = 0; j < n; j += V::size) m = vmax(m, V::load(x + j));
+  return m.max_lane();
+}
+
+// x[j] = exp(x[j] - shift) in place; returns the sum of the new values.
+template <typename T>
+T exp_row(T* x, int64_t n, T shift) {
+  using V = Vec<T>;
+  const V s = V::set1(shift);
+  V acc = V::set1(T(0));
+  for (int64_t j = 0; j < n; j += V::size) {
+    const V e = (V::load(x + j) - s).exp();
+    e.store(x + j);
+    acc = acc + e;
+  }
+  return acc.sum();
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T factor) {
+  using V = Vec<T>;
+  const V f = V::set1(factor);
+  for (int64_t j = 0; j < n; j += V::size) (V::load(x + j) * f).store(x + j);
+}
+
+// Keys j in [limit, n) are not allowed: their score becomes -inf.
+template <typename T>
+void mask_row(T* s, int64_t limit, int64_t n) {
+  for (int64_t j = std::max<int64_t>(limit, 0); j < n; ++j) s[j] = neg_inf<T>();
+}
+
+template <typename T>
+T dot_row(const T* a, const T* b, int64_t n) {
+  using V = Vec<T>;
+  V acc = V::set1(T(0));
+  for (int64_t j = 0; j < n; j += V::size) acc = fmadd(V::load(a + j), V::load(b + j), acc);
+  return acc.sum();
+}
+
+// dS = P * (dP - delta), in place on dp.
+template <typename T>
+void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
+  using V = Vec<T>;
+  const V d = V::set1(delta);
+  for (int64_t j = 0; j < n; j += V::size) (V::load(p + j) * (V::load(dp + j) - d)).store(dp + j);
+}
+
+// ---------------------------------------------------------------------------------
+// Pitch bias of one query token against a key tile (pk, vk padded to n with zeros).
+// ---------------------------------------------------------------------------------
+template <typename T>
+struct BiasRow {
+  int64_t kind;
+  T alpha, beta, pq, vq;  // head weight, beta, the query token's pitch and voicing
+  bool active() const { return kind != kBiasNone && vq != T(0); }
+};
+
+// s[j] += bias(i, j); e[j] receives exp(-beta |pq - pk_j|) for the exp kind (backward).
+template <typename T>
+void add_bias_row(const BiasRow<T>& br, const T* pk, const T* vk, int64_t n, T* s, T* e) {
+  using V = Vec<T>;
+  const V pq = V::set1(br.pq), vq = V::set1(br.vq);
+  if (br.kind == kBiasExp) {
+    const V nbeta = V::set1(-br.beta), a = V::set1(br.alpha);
+    for (int64_t j = 0; j < n; j += V::size) {
+      const V t = (nbeta * (pq - V::load(pk + j)).abs()).exp();
+      if (e != nullptr) t.store(e + j);
+      (V::load(s + j) + (a * t) * (vq * V::load(vk + j))).store(s + j);
+    }
+  } else {
+    const V nab = V::set1(-br.alpha * br.beta);
+    for (int64_t j = 0; j < n; j += V::size) {
+      const V dist = (pq - V::load(pk + j)).abs();
+      (V::load(s + j) + (nab * dist) * (vq * V::load(vk + j))).store(s + j);
+    }
+  }
+}
+
+// Sums over one row of the bias gradient pieces, with w = dS * (exp term) * voiced_i voiced_j:
+// sum w, sum w |pq - pk|, sum w sign(pq - pk) (sign(0) = 0, as torch.abs' derivative).
+template <typename T>
+struct BiasRowGrads {
+  T w = 0, w_dist = 0, w_sign = 0;
+};
+
+// col (optional) accumulates w * sign per key (the key-side pitch gradient).
+template <typename T>
+BiasRowGrads<T> bias_row_grads(const BiasRow<T>& br, const T* ds, const T* e, const T* pk, const T* vk,
+                               int64_t n, T* col) {
+  using V = Vec<T>;
+  const V pq = V::set1(br.pq), vq = V::set1(br.vq);
+  V w_sum = V::set1(T(0)), wd_sum = w_sum, ws_sum = w_sum;
+  for (int64_t j = 0; j < n; j += V::size) {
+    const V delta = pq - V::load(pk + j);
+    V w = V::load(ds + j);
+    if (br.kind == kBiasExp) w = w * V::load(e + j);
+    w = w * (vq * V::load(vk + j));
+    const V ws = w * delta.sign();
+    w_sum = w_sum + w;
+    wd_sum = wd_sum + w * delta.abs();
+    ws_sum = ws_sum + ws;
+    if (col != nullptr) (V::load(col + j) + ws).store(col + j);
+  }
+  return {w_sum.sum(), wd_sum.sum(), ws_sum.sum()};
+}
+
+// ---------------------------------------------------------------------------------
+// Problem description, per-side features and rotation tables.
+// ---------------------------------------------------------------------------------
+struct Shape {
+  int64_t B, H, Hk, G, Tq, Tk, D, P, Dp;
+};
+
+// One side's features [B, T] and its rotation tables cos/sin/phi [B, T, P], computed
+// once per call (not per score, not per tile) in the stat dtype.
+template <typename acc_t>
+struct Side {
+  const acc_t *pos, *log_theta, *radius, *pitch, *voiced;
+  at::Tensor tables;  // [3, B, T, P]: cos, sin, phi
+  const acc_t *cos, *sin, *phi;
+  int64_t T, P;
+  int64_t token(int64_t b, int64_t t) const { return b * T + t; }
+  int64_t pair(int64_t b, int64_t t) const { return (b * T + t) * P; }
+};
+
+template <typename acc_t>
+Side<acc_t> make_side(const std::vector<at::Tensor>& f, int64_t B, int64_t T, int64_t D) {
+  Side<acc_t> s;
+  s.pos = f[0].data_ptr<acc_t>();
+  s.log_theta = f[1].data_ptr<acc_t>();
+  s.radius = f[2].data_ptr<acc_t>();
+  s.pitch = f[3].data_ptr<acc_t>();
+  s.voiced = f[4].data_ptr<acc_t>();
+  s.T = T;
+  s.P = D / 2;
+  const int64_t P = s.P, n_tok = B * T;
+  at::Tensor tables = at::empty({3, n_tok, P}, f[0].options());
+  s.tables = tables;
+  acc_t* cos = tables.data_ptr<acc_t>();
+  acc_t* sin = cos + n_tok * P;
+  acc_t* phi = sin + n_tok * P;
+  const acc_t* pos = s.pos;
+  const acc_t* lt = s.log_theta;
+  // Same operation order as the reference: omega = exp(-(2m / D) * log_theta), phi = pos * omega.
+  at::parallel_for(0, n_tok, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      for (int64_t m = 0; m < P; ++m) {
+        const acc_t coef = acc_t(2 * m) / acc_t(D);
+        const acc_t angle = pos[t] * std::exp(-coef * lt[t]);
+        phi[t * P + m] = angle;
+        cos[t * P + m] = std::cos(angle);
+        sin[t * P + m] = std::sin(angle);
+      }
+    }
+  });
+  s.cos = cos;
+  s.sin = sin;
+  s.phi = phi;
+  return s;
+}
+
+// Rotates token row x (interleaved pairs, length 2P) into split layout (even results at
+// 0..P-1, odd at P..2P-1), scaled by r * mult; element c goes to out[c * stride].
+template <typename scalar_t, typename acc_t>
+void rotate_row(const scalar_t* x, const acc_t* c, const acc_t* s, acc_t r, acc_t mult, int64_t P, acc_t* out,
+                int64_t stride) {
+  const acc_t rm = r * mult;
+  for (int64_t m = 0; m < P; ++m) {
+    const acc_t xe = static_cast<acc_t>(x[2 * m]), xo = static_cast<acc_t>(x[2 * m + 1]);
+    out[m * stride] = rm * (xe * c[m] - xo * s[m]);
+    out[(P + m) * stride] = rm * (xe * s[m] + xo * c[m]);
+  }
+}
+
+// Copies a row (natural layout) converting to the accumulation type; element c to out[c * stride].
+template <typename scalar_t, typename acc_t>
+void load_row(const scalar_t* x, int64_t n, acc_t* out, int64_t stride) {
+  for (int64_t c = 0; c < n; ++c) out[c * stride] = static_cast<acc_t>(x[c]);
+}
+
+// Pulls g = dL/d(rotated row) (split layout, times gscale) back to the input row x, and
+// returns the token's radius and log-theta gradients (as chunked.unrotate):
+// dr = <g, unit-radius rot(x)>, dphi_m = r <g_m, J rot(x)_m>, dlog_theta = sum_m dphi_m phi_m (-2m / D).
+template <typename scalar_t, typename acc_t>
+void unrotate_row(const acc_t* g, acc_t gscale, const scalar_t* x, const acc_t* c, const acc_t* s,
+                  const acc_t* phi, acc_t r, int64_t P, scalar_t* dx, acc_t& dradius, acc_t& dlog_theta) {
+  acc_t dr = 0, dlt = 0;
+  const acc_t D = acc_t(2 * P);
+  for (int64_t m = 0; m < P; ++m) {
+    const acc_t ge = gscale * g[m], go = gscale * g[P + m];
+    const acc_t xe = static_cast<acc_t>(x[2 * m]), xo = static_cast<acc_t>(x[2 * m + 1]);
+    const acc_t unit_e = xe * c[m] - xo * s[m];
+    const acc_t unit_o = xe * s[m] + xo * c[m];
+    dr += ge * unit_e + go * unit_o;
+    const acc_t dphi = r * (go * unit_e - ge * unit_o);
+    dlt += dphi * phi[m] * (acc_t(-2 * m) / D);
+    dx[2 * m] = static_cast<scalar_t>(r * (ge * c[m] + go * s[m]));
+    dx[2 * m + 1] = static_cast<scalar_t>(r * (go * c[m] - ge * s[m]));
+  }
+  dradius = dr;
+  dlog_theta = dlt;
+}
+
+// Number of keys query i may see within a key tile starting at j0 holding n valid keys:
+// allowed j < Lk and (causal: j <= i + Lk - Lq). May be <= 0.
+inline int64_t key_limit(int64_t i, int64_t j0, int64_t n, int64_t lq, int64_t lk, bool causal) {
+  return causal ? std::min(n, i + lk - lq - j0 + 1) : n;
+}
+
+// ---------------------------------------------------------------------------------
+// Inputs: validation shared by forward and backward.
+// ---------------------------------------------------------------------------------
+struct Inputs {
+  at::Tensor q, k, v;
+  std::vector<at::Tensor> fq, fk;
+  at::Tensor alpha, beta;
+  std::vector<int64_t> lq, lk;
+  int64_t bias;
+  bool causal;
+  double scale;
+  Shape shape;
+  at::ScalarType stat;
+};
+
+Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<at::Tensor>& fq,
+                    const std::vector<at::Tensor>& fk, const at::Tensor& alpha, const at::Tensor& beta,
+                    const at::Tensor& q_lengths, const at::Tensor& k_lengths, int64_t bias, bool causal,
+                    double scale);
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::vector<at::Tensor>& fq, const std::vector<at::Tensor>& fk,
+                                const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& q_lengths,
+                                const at::Tensor& k_lengths, int64_t bias, bool causal, double scale);
+
+std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const std::vector<at::Tensor>& fq, const std::vector<at::Tensor>& fk,
+                                 const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& q_lengths,
+                                 const at::Tensor& k_lengths, int64_t bias, bool causal, double scale);
+
+}  // namespace vrope

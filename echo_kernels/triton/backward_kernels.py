@@ -1,0 +1,299 @@
+"""Backward kernels (FlashAttention-2 style, deterministic: no atomics).
+
+Three launches, each program owning disjoint outputs so no two programs ever add into
+the same address:
+
+1. ``delta_kernel``: ``delta[b, h, i] = sum_d dO * O`` (float32).
+2. ``dkdv_kernel``: one program per (key tile, batch, kv head), working on key-major
+   ``[BLOCK_N, BLOCK_M]`` tiles. It loops over the query tiles that can see its keys
+   (causal: from the diagonal on) and, inside, over the query heads of its GQA group, so
+   the group's contributions to dK, dV are summed in a fixed order in registers. It
+   then unrotates dK~ and writes per-(b, kv head) key-side partials ``[B, Hk, Tk]`` of
+   radius, log-theta and pitch gradients.
+3. ``dq_kernel``: one program per (query tile, batch, head), looping over key tiles; it
+   writes dQ and per-(b, head) query-side partials ``[B, H, Tq]`` of radius, log-theta,
+   pitch, and the per-row pieces of dalpha and dbeta (with a float32 delta correction,
+   see the kernel).
+
+The host then sums the partials with torch in a fixed order (see ``__init__.backward``).
+Maths as ``chunked.backward``: with P = exp(s - lse), dP = dO V^T,
+``dS = P * (dP - delta)``, ``dq~ = scale * dS k~``, ``dk~ = scale * dS^T q~``, ``dV = P^T dO``.
+Rows with lse = -inf (nothing to attend) use lse = +inf so P = 0 and they pass nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    LOG2E,
+    allowed_tile,
+    load_halves,
+    pitch_bias,
+    pitch_bias_grad_factors,
+    rotate,
+    rotation_tables,
+    row_offsets,
+    score_tile,
+    store_halves,
+    unrotate,
+)
+from .forward_kernel import key_loop_end
+
+
+@triton.jit
+def delta_kernel(Out, DOut, Delta, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid ``(cdiv(Tq, BLOCK_M), B * H)``: ``Delta [B, H, Tq] = rowsum(dO * O)`` in float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = pid_bh.to(tl.int64) * Tq + offs_m
+    mask = offs_m < Tq
+    ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(Out + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DOut + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + rows, tl.sum(o * do, axis=1), mask=mask)
+
+
+@triton.jit
+def load_row_stats(Lse, Delta, rows, mask):
+    """``lse * log2(e)`` (+inf on empty rows, so that P = exp2(s - lse) = 0) and delta, ``[BLOCK_M]``."""
+    lse = tl.load(Lse + rows, mask=mask, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + rows, mask=mask, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta,
+    DK, DV, DLogThetaK, DRadiusK, DPitchK,
+    PosQ, LogThetaQ, RadiusQ, PitchQ, VoicedQ,
+    PosK, LogThetaK, RadiusK, PitchK, VoicedK,
+    Alpha, Beta, QLengths, KLengths,
+    sm_scale,
+    H, GROUPS, Tq, Tk,
+    HEAD_DIM: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(Tk, BLOCK_N), B * Hk)``.
+
+    Writes DK, DV ``[B, Hk, Tk, D]`` (input dtype) and the key-side partials
+    DLogThetaK, DRadiusK, DPitchK ``[B, Hk, Tk]`` float32 (summed over the group's heads).
+    Other arguments as ``attention_fwd_kernel``; Lse, Delta ``[B, H, Tq]`` float32.
+    """
+    HEAD_P: tl.constexpr = HEAD_DIM // 2
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    kv_heads = H // GROUPS
+    b = pid_bh // kv_heads
+    kv_head = pid_bh % kv_heads
+    q_len = tl.load(QLengths + b)
+    k_len = tl.load(KLengths + b)
+    qk_scale = sm_scale * LOG2E
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < k_len
+    k_rows = row_offsets(b, kv_head, kv_heads, Tk, offs_n)
+    fk_offs = b.to(tl.int64) * Tk + offs_n
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # The key tile is resident: rotate it once. Everything below is key-major
+    # ([BLOCK_N, BLOCK_M] tiles, the transpose of the forward's), so that dV and dK~
+    # accumulate as plain dots without transposing P or dS.
+    cos_k, sin_k, _phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P)
+    k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P)
+    ke, ko = rotate(k_even, k_odd, cos_k, sin_k, radius_k)
+    v = tl.load(V + k_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    if BIAS != 0:
+        pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[:, None]
+        voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[:, None]
+        beta = tl.load(Beta)
+
+    dke = tl.zeros([BLOCK_N, HEAD_P], tl.float32)
+    dko = tl.zeros([BLOCK_N, HEAD_P], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dpitch_k = tl.zeros([BLOCK_N], tl.float32)
+
+    # Query rows that can see this key tile: all of them, or under the causal mask those
+    # with i >= j - (Lk - Lq) (start at the Q tile holding the first such row).
+    start = 0
+    if CAUSAL:
+        start = tl.maximum(start_n - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+    end = tl.where(start_n < k_len, q_len, 0)
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < q_len
+        fq_offs = b.to(tl.int64) * Tq + offs_m
+        # The query tables are shared by the group's heads: computed once per Q tile.
+        cos_q, sin_q, _phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
+        allowed = allowed_tile(offs_m[None, :], offs_n[:, None], q_len, k_len, CAUSAL)
+        if BIAS != 0:
+            pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)[None, :]
+            voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)[None, :]
+        # The group's query heads in a fixed order: dK, dV of a shared kv head are summed
+        # here, in registers, instead of with atomics.
+        for g in range(GROUPS):
+            h = kv_head * GROUPS + g
+            q_rows = row_offsets(b, h, H, Tq, offs_m)
+            q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
+            qe, qo = rotate(q_even, q_odd, cos_q, sin_q, radius_q)
+            do = tl.load(DOut + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
+
+            bias_log2 = 0.0
+            if BIAS != 0:
+                alpha = tl.load(Alpha + h)
+                bias_log2 = pitch_bias(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS) * LOG2E
+            s_t = score_tile(ke, ko, qe, qo, qk_scale, bias_log2, allowed, DOT_PRECISION, BIAS)
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            ds_in = ds_t.to(qe.dtype)
+            dke = tl.dot(ds_in, qe, dke, input_precision=DOT_PRECISION)
+            dko = tl.dot(ds_in, qo, dko, input_precision=DOT_PRECISION)
+            if BIAS != 0:
+                _f_alpha, _f_beta, f_pair = pitch_bias_grad_factors(
+                    pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS
+                )
+                dpitch_k -= tl.sum(ds_t * f_pair, axis=1)
+
+    # dL/dk~ = scale * dS^T q~; pull it back through the key rotation.
+    # Tables and k are recomputed / reloaded rather than kept live across the loop. The
+    # reloads are volatile so that the compiler cannot merge them with the loads before
+    # the loop (it would, there being no store in between) and keep ~5 tiles live
+    # through it: on sm_90 that halves the register spills of this kernel.
+    cos_k, sin_k, phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P, RELOAD=True)
+    k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P, RELOAD=True)
+    dk_even, dk_odd, dlog_theta, dradius = unrotate(
+        dke * sm_scale, dko * sm_scale, k_even, k_odd, cos_k, sin_k, phi_k, radius_k, HEAD_P
+    )
+    in_bounds = offs_n < Tk
+    store_halves(DK, k_rows, in_bounds, dk_even, dk_odd, HEAD_P)
+    tl.store(DV + k_rows[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_bounds[:, None])
+    tl.store(DLogThetaK + k_rows, dlog_theta, mask=in_bounds)
+    tl.store(DRadiusK + k_rows, dradius, mask=in_bounds)
+    tl.store(DPitchK + k_rows, dpitch_k, mask=in_bounds)
+
+
+@triton.jit
+def dq_kernel(
+    Q, K, V, DOut, Lse, Delta,
+    DQ, DLogThetaQ, DRadiusQ, DPitchQ, DAlphaRows, DBetaRows,
+    PosQ, LogThetaQ, RadiusQ, PitchQ, VoicedQ,
+    PosK, LogThetaK, RadiusK, PitchK, VoicedK,
+    Alpha, Beta, QLengths, KLengths,
+    sm_scale,
+    H, GROUPS, Tq, Tk,
+    HEAD_DIM: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(Tq, BLOCK_M), B * H)``.
+
+    Writes DQ ``[B, H, Tq, D]`` (input dtype) and float32 ``[B, H, Tq]`` partials:
+    DLogThetaQ, DRadiusQ, DPitchQ (per head, summed over keys) and DAlphaRows, DBetaRows
+    (each row's contribution to dalpha_h and dbeta).
+    """
+    HEAD_P: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_head = h // GROUPS
+    q_len = tl.load(QLengths + b)
+    k_len = tl.load(KLengths + b)
+    qk_scale = sm_scale * LOG2E
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < q_len
+    q_rows = row_offsets(b, h, H, Tq, offs_m)
+    fq_offs = b.to(tl.int64) * Tq + offs_m
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    cos_q, sin_q, _phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
+    q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
+    qe, qo = rotate(q_even, q_odd, cos_q, sin_q, radius_q)
+    do = tl.load(DOut + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
+    if BIAS != 0:
+        pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)[:, None]
+        voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)[:, None]
+        alpha = tl.load(Alpha + h)
+        beta = tl.load(Beta)
+
+    dqe = tl.zeros([BLOCK_M, HEAD_P], tl.float32)
+    dqo = tl.zeros([BLOCK_M, HEAD_P], tl.float32)
+    # Bias row sums: sum_j ds * f for the three factors, sum_j p * f for the same factors
+    # and sum_j p * dp (see the delta correction after the loop).
+    dalpha = tl.zeros([BLOCK_M], tl.float32)
+    dbeta = tl.zeros([BLOCK_M], tl.float32)
+    dpitch_q = tl.zeros([BLOCK_M], tl.float32)
+    if BIAS != 0:
+        p_alpha = tl.zeros([BLOCK_M], tl.float32)
+        p_beta = tl.zeros([BLOCK_M], tl.float32)
+        p_pitch = tl.zeros([BLOCK_M], tl.float32)
+        p_dp = tl.zeros([BLOCK_M], tl.float32)
+
+    end_n = key_loop_end(start_m, q_len, k_len, BLOCK_M, CAUSAL)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        k_rows = row_offsets(b, kv_head, H // GROUPS, Tk, offs_n)
+        fk_offs = b.to(tl.int64) * Tk + offs_n
+        cos_k, sin_k, _phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P)
+        k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P)
+        ke, ko = rotate(k_even, k_odd, cos_k, sin_k, radius_k)
+        v = tl.load(V + k_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+
+        bias_log2 = 0.0
+        if BIAS != 0:
+            pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[None, :]
+            voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[None, :]
+            bias_log2 = pitch_bias(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS) * LOG2E
+        allowed = allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL)
+        s = score_tile(qe, qo, ke, ko, qk_scale, bias_log2, allowed, DOT_PRECISION, BIAS)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        ds_in = ds.to(ke.dtype)
+        dqe = tl.dot(ds_in, ke, dqe, input_precision=DOT_PRECISION)
+        dqo = tl.dot(ds_in, ko, dqo, input_precision=DOT_PRECISION)
+        if BIAS != 0:
+            f_alpha, f_beta, f_pair = pitch_bias_grad_factors(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS)
+            dalpha += tl.sum(ds * f_alpha, axis=1)
+            dbeta += tl.sum(ds * f_beta, axis=1)
+            dpitch_q += tl.sum(ds * f_pair, axis=1)
+            p_alpha += tl.sum(p * f_alpha, axis=1)
+            p_beta += tl.sum(p * f_beta, axis=1)
+            p_pitch += tl.sum(p * f_pair, axis=1)
+            p_dp += tl.sum(p * dp, axis=1)
+
+    if BIAS != 0:
+        # sum_j ds_ij = 0 in exact arithmetic, so these row sums, which add up over every
+        # row of the batch into dalpha and dbeta, amplify an error in delta. delta comes
+        # from the stored output, rounded to fp16/bf16; sum_j p dp = dO . O in float32 is
+        # the value autograd uses. ds with the better delta is ds + p * (delta - p_dp).
+        correction = delta - p_dp
+        dalpha += correction * p_alpha
+        dbeta += correction * p_beta
+        dpitch_q += correction * p_pitch
+
+    # dL/dq~ = scale * dS k~; pull it back through the query rotation (tables recomputed
+    # and q reloaded rather than kept live across the loop: registers are the scarce part).
+    cos_q, sin_q, phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
+    q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
+    dq_even, dq_odd, dlog_theta, dradius = unrotate(
+        dqe * sm_scale, dqo * sm_scale, q_even, q_odd, cos_q, sin_q, phi_q, radius_q, HEAD_P
+    )
+    in_bounds = offs_m < Tq
+    store_halves(DQ, q_rows, in_bounds, dq_even, dq_odd, HEAD_P)
+    tl.store(DLogThetaQ + q_rows, dlog_theta, mask=in_bounds)
+    tl.store(DRadiusQ + q_rows, dradius, mask=in_bounds)
+    tl.store(DPitchQ + q_rows, dpitch_q, mask=in_bounds)
+    tl.store(DAlphaRows + q_rows, dalpha, mask=in_bounds)
+    tl.store(DBetaRows + q_rows, dbeta, mask=in_bounds)
