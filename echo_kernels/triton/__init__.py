@@ -21,8 +21,9 @@ import contextlib
 import torch
 from torch import Tensor
 
+from ..buffers import backward_buffers, output_buffer, reduce_partials
 from ..chunked import Grads
-from ._env import interpreting, poisoning
+from ._env import interpreting
 
 NAME = "triton"
 HEAD_DIMS = (32, 64, 128, 256)
@@ -56,14 +57,6 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, bias: int, causal: bool)
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim D={q.shape[-1]} is not supported by the Triton backend; supported: {HEAD_DIMS}"
     return None
-
-
-def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
-    """An output buffer; NaN-filled under ``ECHO_KERNELS_POISON=1`` so unwritten elements show."""
-    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
-    if poisoning():
-        out.fill_(float("nan"))
-    return out
 
 
 def _features(f) -> list[Tensor]:
@@ -106,8 +99,8 @@ def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, sc
 
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
-    out = _empty(batch, heads, tq, dim, like=q)
-    lse = _empty(batch, heads, tq, like=q, dtype=torch.float32)
+    out = output_buffer((batch, heads, tq, dim), q)
+    lse = output_buffer((batch, heads, tq), q, torch.float32)
     if out.numel() == 0:
         return out, lse
     if tk == 0:  # no key anywhere: every row is empty
@@ -143,21 +136,13 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
 
     batch, heads, tq, dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
-    f32 = torch.float32
-    dq = _empty(batch, heads, tq, dim, like=q)
-    dk = _empty(batch, kv_heads, tk, dim, like=k)
-    dv = _empty(batch, kv_heads, tk, dim, like=v)
-    q_parts = [_empty(batch, heads, tq, like=q, dtype=f32) for _ in range(5)]  # log_theta, radius, pitch, alpha, beta
-    k_parts = [_empty(batch, kv_heads, tk, like=k, dtype=f32) for _ in range(3)]  # log_theta, radius, pitch
-    if dq.numel() == 0 or tk == 0:
-        # Nothing attends to anything: every gradient is zero.
-        for t in (dq, dk, dv, *q_parts, *k_parts):
-            t.zero_()
-    else:
+    buffers = backward_buffers(q, k, v)
+    dq, dk, dv, q_parts, k_parts = buffers
+    if q.numel() and k.numel():
         ints, constexprs = _meta(q, k, bias, causal)
         common = _common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths)
         dout = dout.contiguous()
-        delta = _empty(batch, heads, tq, like=q, dtype=f32)
+        delta = output_buffer((batch, heads, tq), q, torch.float32)
         launch = backward_config(dim, q.device)
         kv_grid = (triton.cdiv(tk, launch["dkdv"]["BLOCK_N"]), batch * kv_heads)
         q_grid = (triton.cdiv(tq, launch["dq"]["BLOCK_M"]), batch * heads)
@@ -173,11 +158,4 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
                 **constexprs, **launch["dq"],
             )
 
-    dlt_q, dr_q, dp_q, dalpha_rows, dbeta_rows = q_parts
-    dlt_k, dr_k, dp_k = k_parts
-    return Grads(
-        dq, dk, dv,
-        dlt_q.sum(dim=1), dr_q.sum(dim=1), dp_q.sum(dim=1),
-        dlt_k.sum(dim=1), dr_k.sum(dim=1), dp_k.sum(dim=1),
-        dalpha_rows.sum(dim=(0, 2)).to(alpha.dtype), dbeta_rows.sum().to(beta.dtype),
-    )
+    return reduce_partials(buffers, alpha, beta)

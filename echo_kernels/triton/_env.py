@@ -9,7 +9,3 @@ def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``, read as triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
-
-def poisoning() -> bool:
-    """True under ``ECHO_KERNELS_POISON=1``: output buffers are NaN-filled before the kernels write them."""
-    return os.environ.get("ECHO_KERNELS_POISON", "0") == "1"
