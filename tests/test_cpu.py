@@ -180,6 +180,31 @@ def test_thread_count_does_not_change_results():
         assert torch.equal(one[n], two[n]), n
 
 
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("empty_row_causal", torch.float32),  # an all-masked batch entry, padded rows and keys
+        ("empty_row", torch.float64),
+        ("causal_tq_gt_tk", torch.float32),
+        ("no_bias", torch.float32),  # the bias partials are written as zeros too
+        ("mqa", torch.bfloat16),  # the exact-delta path of low-precision inputs
+    ],
+)
+def test_poisoned_outputs_are_all_written(name, dtype, monkeypatch):
+    """ECHO_KERNELS_POISON=1 NaN-fills every output before the kernels run: nothing may stay NaN."""
+    case = CASES[name]
+    inputs = make_case(case, torch.float64)
+    monkeypatch.delenv("ECHO_KERNELS_POISON", raising=False)
+    clean = run(case, inputs, "cpu", dtype)
+    monkeypatch.setenv("ECHO_KERNELS_POISON", "1")
+    assert cpu_backend._C.poisoning()
+    poisoned = run(case, inputs, "cpu", dtype)
+    assert set(poisoned) == {"out", *GRAD_NAMES}
+    for n, value in poisoned.items():
+        assert torch.isfinite(value).all(), f"{n}: an element was left unwritten"
+        assert torch.equal(value, clean[n]), n
+
+
 def test_unsupported_reasons():
     q = torch.zeros(1, 2, 4, 8)
     assert cpu_backend.unsupported_reason(q, q, q, 1, False) is None

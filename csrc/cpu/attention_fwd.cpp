@@ -19,8 +19,8 @@ class ForwardTask {
         q_(kBlockQ * s_.Dp, acc_t(0)), kt_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)),
         v_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK, acc_t(0)),
         acc_(kBlockQ * s_.Dp, acc_t(0)), pk_(round_up(s_.Tk, kBlockK), acc_t(0)),
-        vk_(round_up(s_.Tk, kBlockK), acc_t(0)), m_(kBlockQ), l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()),
-        beta_(in.beta.item<acc_t>()) {}
+        vk_(round_up(s_.Tk, kBlockK), acc_t(0)), tile_voiced_(ceil_div(s_.Tk, kBlockK), 0), m_(kBlockQ),
+        l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
   void run(int64_t task) {
     const int64_t n_qb = ceil_div(s_.Tq, kBlockQ);
@@ -50,12 +50,14 @@ class ForwardTask {
       const acc_t* kt = kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
       const acc_t* pk = pk_.data() + j0;
       const acc_t* vk = vk_.data() + j0;
+      // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
+      const bool tile_voiced = tile_voiced_[j0 / kBlockK] != 0;
       gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
       for (int64_t r = 0; r < valid; ++r) {
         const int64_t i = i0 + r;
         acc_t* srow = s_tile_.data() + r * kBlockK;
         const BiasRow<acc_t> br{in_.bias, alpha_[h], beta_, sq_.pitch[sq_.token(b, i)], sq_.voiced[sq_.token(b, i)]};
-        if (br.active()) add_bias_row(br, pk, vk, N, srow, static_cast<acc_t*>(nullptr));
+        if (br.active() && tile_voiced) add_bias_row(br, pk, vk, N, srow, static_cast<acc_t*>(nullptr));
         mask_row(srow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
         online_softmax_row(r, srow, N);
       }
@@ -107,6 +109,10 @@ class ForwardTask {
     }
     std::fill(pk_.begin() + lk, pk_.end(), acc_t(0));
     std::fill(vk_.begin() + lk, vk_.end(), acc_t(0));
+    for (size_t kb = 0; kb < tile_voiced_.size(); ++kb) {
+      const auto first = vk_.begin() + kb * kBlockK;
+      tile_voiced_[kb] = std::any_of(first, first + kBlockK, [](acc_t x) { return x != acc_t(0); });
+    }
   }
 
   // Folds one row of scores into the running max m, sum l and accumulator; srow becomes P.
@@ -127,7 +133,9 @@ class ForwardTask {
   const Side<acc_t>& sk_;
   scalar_t* out_;
   acc_t* lse_;
-  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_, pk_, vk_, m_, l_;
+  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_, pk_, vk_;
+  std::vector<char> tile_voiced_;  // per key tile of the cache: some key is voiced
+  std::vector<acc_t> m_, l_;
   const acc_t* alpha_;
   const acc_t beta_;
   int64_t cached_ = -1;  // (b * Hk + hk) whose keys/values kt_, v_ hold
@@ -141,8 +149,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& k_lengths, int64_t bias, bool causal, double scale) {
   const Inputs in = check_inputs(q, k, v, fq, fk, alpha, beta, q_lengths, k_lengths, bias, causal, scale);
   const Shape& s = in.shape;
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({s.B, s.H, s.Tq}, q.options().dtype(in.stat));
+  // Every element is written by the tasks (masked rows included).
+  at::Tensor out = new_output(q.sizes(), q.options(), in.poison);
+  at::Tensor lse = new_output({s.B, s.H, s.Tq}, q.options().dtype(in.stat), in.poison);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "vrope_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Side<acc_t> sq = make_side<acc_t>(in.fq, s.B, s.Tq, s.D);

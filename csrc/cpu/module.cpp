@@ -34,6 +34,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "echo_kernels fused CPU kernels";
   m.def("build_info", &build_info, "How this extension was compiled");
+  m.def("poisoning", &vrope::poisoning, "Whether ECHO_KERNELS_POISON=1 (outputs NaN-filled before the kernels write them)");
   m.def("forward", &vrope::forward,
         "Fused vRoPE attention forward -> [out [B, H, Tq, D], lse [B, H, Tq]]. Features are lists of the 5 "
         "PitchFeatures tensors; bias 0 none / 1 exp / 2 l1.",

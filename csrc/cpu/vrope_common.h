@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -28,6 +30,22 @@ constexpr int64_t kPad = 16;
 constexpr int64_t kRows = 4;  // tile row counts are padded to this (zero rows)
 
 enum BiasKind : int64_t { kBiasNone = 0, kBiasExp = 1, kBiasL1 = 2 };
+
+// ECHO_KERNELS_POISON=1, the project's switch (shared with the Triton backend): output
+// buffers are NaN-filled before the kernels write them, so an element that a kernel
+// forgets to write shows up as NaN instead of a plausible zero. Read on every call (it is
+// one getenv per kernel launch) so that tests can flip it at run time.
+inline bool poisoning() {
+  const char* v = std::getenv("ECHO_KERNELS_POISON");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// An uninitialised output buffer, NaN-filled when poisoning: the kernel must write all of it.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -160,14 +178,16 @@ struct Vec<double> {
 #endif  // VROPE_AVX2
 
 // ---------------------------------------------------------------------------------
-// Tile gemm: C[M, N] (+)= A[M, K] * B[K, N], all row-major with leading dimensions.
-// N must be a multiple of 2 * Vec<T>::size (callers pad tiles to kPad). A register tile
-// of R rows x 2 vectors accumulates over K in a fixed order (R = 6: 12 accumulators hide
-// the FMA latency and fit the 16 AVX2 registers with the two B vectors and A broadcast).
+// Tile gemm: C[M, N] (+)= A[M, K] * B[K, N], B and C row-major with leading dimensions;
+// element (r, p) of A at A[r * a_row + p * a_col], so A may be read transposed in place
+// (gemm_at) instead of being copied. N must be a multiple of 2 * Vec<T>::size (callers pad
+// tiles to kPad). A register tile of R rows x 2 vectors accumulates over K in a fixed order
+// (R = 6: 12 accumulators hide the FMA latency and fit the 16 AVX2 registers with the two
+// B vectors and A broadcast).
 // ---------------------------------------------------------------------------------
 template <typename T, int64_t R>
-inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-                      bool accumulate) {
+inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb,
+                      T* C, int64_t ldc, bool accumulate) {
   using V = Vec<T>;
   constexpr int64_t W = V::size;
   for (int64_t j = 0; j < N; j += 2 * W) {
@@ -179,8 +199,9 @@ inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
     for (int64_t p = 0; p < K; ++p) {
       const V b0 = V::load(B + p * ldb + j);
       const V b1 = V::load(B + p * ldb + j + W);
+      const T* a = A + p * a_col;
       for (int64_t r = 0; r < R; ++r) {
-        const V ar = V::set1(A[r * lda + p]);
+        const V ar = V::set1(a[r * a_row]);
         c[r][0] = fmadd(ar, b0, c[r][0]);
         c[r][1] = fmadd(ar, b1, c[r][1]);
       }
@@ -193,27 +214,36 @@ inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
 }
 
 template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-          int64_t ldc, bool accumulate) {
+void gemm_strided(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                  int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  for (; i + 6 <= M; i += 6) gemm_rows<T, 6>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  const T* a = A + i * lda;
+  for (; i + 6 <= M; i += 6)
+    gemm_rows<T, 6>(N, K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, accumulate);
+  const T* a = A + i * a_row;
   T* c = C + i * ldc;
   switch (M - i) {
-    case 5: gemm_rows<T, 5>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 4: gemm_rows<T, 4>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 3: gemm_rows<T, 3>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 2: gemm_rows<T, 2>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 1: gemm_rows<T, 1>(N, K, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 5: gemm_rows<T, 5>(N, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_rows<T, 4>(N, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_rows<T, 3>(N, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_rows<T, 2>(N, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_rows<T, 1>(N, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
     default: break;
   }
 }
 
-// out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols.
+// A row-major [M, K] with leading dimension lda.
 template <typename T>
-void transpose(const T* in, int64_t ld_in, int64_t rows, int64_t cols, T* out, int64_t ld_out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) out[c * ld_out + r] = in[r * ld_in + c];
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+          bool accumulate) {
+  gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+}
+
+// C[M, N] (+)= At^T * B with At row-major [K, M] (leading dimension ld_at): the keys pass's
+// P^T dO and dS^T Q straight from the [queries, keys] tiles.
+template <typename T>
+void gemm_at(int64_t M, int64_t N, int64_t K, const T* At, int64_t ld_at, const T* B, int64_t ldb, T* C,
+             int64_t ldc, bool accumulate) {
+  gemm_strided(M, N, K, At, 1, ld_at, B, ldb, C, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------
@@ -439,9 +469,11 @@ struct Inputs {
   at::Tensor q, k, v;
   std::vector<at::Tensor> fq, fk;
   at::Tensor alpha, beta;
+  double beta_value;  // beta read once here, outside the parallel regions (exact for float32 beta)
   std::vector<int64_t> lq, lk;
   int64_t bias;
   bool causal;
+  bool poison;  // poisoning(), read once per call
   double scale;
   Shape shape;
   at::ScalarType stat;

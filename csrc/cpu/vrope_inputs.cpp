@@ -76,6 +76,7 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   in.fk = fk;
   in.alpha = alpha.contiguous();
   in.beta = beta;
+  in.beta_value = beta.item<double>();
   in.lq = read_lengths(q_lengths, B, Tq, "q_lengths");
   in.lk = read_lengths(k_lengths, B, Tk, "k_lengths");
   in.bias = bias;
@@ -83,6 +84,7 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   in.scale = scale;
   in.shape = Shape{B, H, Hk, H / Hk, Tq, Tk, D, D / 2, round_up(D, kPad)};
   in.stat = stat;
+  in.poison = poisoning();
   return in;
 }
 
