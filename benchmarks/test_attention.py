@@ -92,7 +92,7 @@ def run_case(benchmark, method: str, shape: Shape, backward: bool):
                 attention()
         sync()
 
-    rounds = 5 if full_mode() else 1
+    rounds = (5 if device() == "cuda" else 3) if full_mode() else 1
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1 if full_mode() else 0, iterations=1)
     flops = shape.forward_flops() * (3.5 if backward else 1.0)
     info = dict(method=method, mode="fwd+bwd" if backward else "fwd", device=device(), dtype=str(dtype),
