@@ -1,0 +1,121 @@
+"""Pitch-feature ablation: ``python -m echo ablate --config configs/tiny.yaml --seeds 2``.
+
+Trains the same budget with (a) plain RoPE and no bias, (b) f0-driven theta, (c) + variable radius,
+(d) + pitch bias, for each seed, scores dev and test (greedy), and writes a Markdown table of
+mean +- spread (sample standard deviation over seeds; 0 with one seed) to ``docs/results/ablation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from echo.train import build_datasets, load_config, train
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "a": ("plain RoPE, no bias", ["model.pitch=false"]),
+    "b": ("f0 theta", ["model.pitch=true", "model.theta_mode=f0", "model.radius_mode=unit", "model.bias=null"]),
+    "c": ("f0 theta + radius", ["model.pitch=true", "model.theta_mode=f0", "model.radius_mode=f0", "model.bias=null"]),
+    "d": ("f0 theta + radius + bias", ["model.pitch=true", "model.theta_mode=f0", "model.radius_mode=f0",
+                                      "model.bias=exp"]),
+}
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", out_dir: str | Path = "runs/ablation",
+                 overrides: list[str] | None = None, results_path: str | Path = "docs/results/ablation.md",
+                 quiet: bool = False, eval_max_utts: int = 0) -> dict[str, Any]:
+    """Train and score every (variant, seed); write the Markdown table and a JSON of raw numbers.
+
+    ``eval_max_utts`` > 0 scores only the first that many dev/test utterances (a cheaper, noisier table).
+    """
+    from echo.evaluate import evaluate_dataset
+    from echo.model import load_model
+    from echo.text import CharTokenizer
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    raw: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    base = load_config(config, overrides)
+    datasets = build_datasets(base, CharTokenizer())
+    if eval_max_utts > 0:
+        for split in ("dev", "test"):
+            n = min(eval_max_utts, len(datasets[split]))
+            datasets[split] = torch.utils.data.Subset(datasets[split], range(n))
+    for v in variants:
+        for seed in range(seeds):
+            run_dir = Path(out_dir) / f"{v}_seed{seed}"
+            cfg = load_config(config, [*(overrides or []), *VARIANTS[v][1], f"train.seed={seed}",
+                                       f"train.out_dir={run_dir}"])
+            t0 = time.time()
+            result = train(cfg, resume=True, quiet=quiet)
+            ckpt = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+            model, tokenizer = load_model(ckpt)
+            row = {"seed": seed, "steps": result["step"], "minutes": (time.time() - t0) / 60}
+            for split in ("dev", "test"):
+                m = evaluate_dataset(model, tokenizer, datasets[split], batch_size=cfg.train.eval_batch_size,
+                                     progress=False)
+                row[f"{split}_wer"], row[f"{split}_cer"] = m["wer"], m["cer"]
+            raw[v].append(row)
+            print(f"[{v}] {VARIANTS[v][0]} seed {seed}: " + ", ".join(
+                f"{k} {row[k] * 100:.2f}%" for k in ("dev_wer", "dev_cer", "test_wer", "test_cer")), flush=True)
+    _write_table(raw, base, Path(results_path), config, seeds, {s: len(datasets[s]) for s in ("dev", "test")})
+    Path(results_path).with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    return raw
+
+
+def _write_table(raw: dict[str, list[dict[str, float]]], base: Any, path: Path, config: str | Path, seeds: int,
+                 sizes: dict[str, int]) -> None:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [
+        "# Pitch-feature ablation",
+        "",
+        (f"Config `{config}`, {seeds} seed(s) per variant, the same budget for each run "
+        f"(max_steps {base.train.max_steps}, max_minutes {base.train.max_minutes or 'none'}), greedy decoding, "
+        f"best-dev checkpoint, scored on {sizes['dev']} dev / {sizes['test']} test utterances. "
+        f"Numbers are mean ± sample std over seeds, in %. Device: {device}."),
+        "",
+        "| variant | dev WER | dev CER | test WER | test CER | steps | minutes/run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for v, rows in raw.items():
+        cells = []
+        for key in ("dev_wer", "dev_cer", "test_wer", "test_cer"):
+            vals = [r[key] * 100 for r in rows]
+            cells.append(f"{statistics.mean(vals):.2f} ± {_spread(vals):.2f}")
+        steps = statistics.mean(r["steps"] for r in rows)
+        minutes = statistics.mean(r["minutes"] for r in rows)
+        lines.append(f"| ({v}) {VARIANTS[v][0]} | " + " | ".join(cells) + f" | {steps:.0f} | {minutes:.1f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m echo ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--variants", default="abcd", help="subset of 'abcd'")
+    p.add_argument("--out-dir", default="runs/ablation")
+    p.add_argument("--results", default="docs/results/ablation.md")
+    p.add_argument("--eval-max-utts", type=int, default=0, help="score only the first N dev/test utterances")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override for every run (e.g. train.max_minutes=5)")
+    args = p.parse_args(argv)
+    run_ablation(args.config, seeds=args.seeds, variants=args.variants, out_dir=args.out_dir, overrides=args.set,
+                 results_path=args.results, eval_max_utts=args.eval_max_utts)
+    print(f"wrote {args.results}")
+    return 0

@@ -1,0 +1,177 @@
+"""Autoregressive decoding for :class:`echo.model.Echo`: greedy and beam search with a key/value cache,
+plus a cache-free greedy reference (used by tests to prove the cache exact) and ``transcribe``.
+
+Shapes: B batch, T mel frames, T' encoder frames, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from echo.model import Echo, EncoderOutput, load_model
+
+
+def _max_len(model: Echo, enc_lengths: Tensor, max_len: int | None) -> int:
+    # A character never takes less than one encoder frame (20 ms) in this data, so the encoder
+    # length bounds the output and stops a looping hypothesis early.
+    limit = int(enc_lengths.max()) + 2
+    return min(limit, max_len or model.cfg.max_decode_len)
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, max_len: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy transcription of a padded batch: mel ``[B, T, n_mels]``, mel_lengths ``[B]``, f0 ``[B, T]``.
+
+    Returns one token-id list per utterance (without ``<bos>``/``<eos>``). ``use_cache=False`` re-runs
+    the decoder on the whole prefix at each step: the slow reference the cache must reproduce.
+    """
+    cfg = model.cfg
+    enc = model.encode(mel, mel_lengths, f0 if cfg.pitch else None)
+    batch = mel.shape[0]
+    device = mel.device
+    steps = _max_len(model, enc.lengths, max_len)
+    # Per-utterance limits, so an utterance decodes the same alone (as in beam search) or in a batch.
+    limits = (enc.lengths + 2).clamp(max=steps)
+    tokens = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=device)
+    token_f0 = torch.zeros(batch, 1, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = model.init_cache(enc) if use_cache else None
+    for n in range(steps):
+        if use_cache:
+            logits, cross = model.step(tokens[:, -1], token_f0[:, -1], enc, cache)
+        else:
+            all_logits, all_cross = model.decode(tokens, None, enc, token_f0, return_cross=True)
+            logits, cross = all_logits[:, -1], all_cross[:, -1]
+        nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, cfg.eos_id), nxt)
+        est = model.estimate_token_f0(cross, enc)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        token_f0 = torch.cat([token_f0, (est if est is not None else torch.zeros_like(nxt, dtype=torch.float))[:, None]], 1)
+        done |= (nxt == cfg.eos_id) | (n + 1 >= limits)
+        if bool(done.all()):
+            break
+    return [_strip(row.tolist(), cfg.eos_id) for row in tokens[:, 1:]]
+
+
+def _strip(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def _select(enc: EncoderOutput, index: Tensor) -> EncoderOutput:
+    def pick(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.index_select(0, index)
+
+    stats = None if enc.stats is None else type(enc.stats)(*(pick(s) for s in enc.stats))
+    return EncoderOutput(pick(enc.states), pick(enc.lengths), pick(enc.f0), stats)
+
+
+@torch.no_grad()
+def beam_search(
+    model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 4,
+    max_len: int | None = None, length_penalty: float = 0.0,
+) -> list[list[int]]:
+    """Beam search per utterance (the beams are the batch of the cached decoder).
+
+    Scores are summed log-probabilities; finished hypotheses are ranked by
+    ``score / len ** length_penalty``. With ``length_penalty == 0`` the search stops as soon as the
+    best finished hypothesis beats every live beam (scores only decrease), so ``beam=1`` is greedy.
+    """
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    cfg = model.cfg
+    enc_all = model.encode(mel, mel_lengths, f0 if cfg.pitch else None)
+    results = []
+    for b in range(mel.shape[0]):
+        enc = _select(enc_all, torch.full((beam,), b, device=mel.device, dtype=torch.long))
+        steps = _max_len(model, enc.lengths[:1], max_len)
+        cache = model.init_cache(enc)
+        seqs: list[list[int]] = [[] for _ in range(beam)]
+        last = torch.full((beam,), cfg.bos_id, dtype=torch.long, device=mel.device)
+        last_f0 = torch.zeros(beam, device=mel.device)
+        scores = torch.full((beam,), float("-inf"), device=mel.device)
+        scores[0] = 0.0  # all beams start identical: expand only the first
+        finished: list[tuple[float, list[int]]] = []
+        for _ in range(steps):
+            logits, cross = model.step(last, last_f0, enc, cache)
+            est = model.estimate_token_f0(cross, enc)
+            total = scores[:, None] + logits.float().log_softmax(-1)
+            top_scores, top_index = total.view(-1).topk(min(2 * beam, total.numel()))
+            rows, new_seqs, new_last, new_scores = [], [], [], []
+            for s, flat in zip(top_scores.tolist(), top_index.tolist()):
+                if s == float("-inf"):
+                    break
+                row, tok = divmod(flat, total.shape[1])
+                if tok == cfg.eos_id:
+                    finished.append((s / max(len(seqs[row]) + 1, 1) ** length_penalty, seqs[row]))
+                    continue
+                rows.append(row)
+                new_seqs.append(seqs[row] + [tok])
+                new_last.append(tok)
+                new_scores.append(s)
+                if len(rows) == beam:
+                    break
+            best_finished = max((f[0] for f in finished), default=float("-inf"))
+            if not rows or len(finished) >= beam or (length_penalty == 0 and best_finished >= max(new_scores)):
+                break
+            while len(rows) < beam:  # pad with dead beams so the cache keeps its batch size
+                rows.append(rows[0])
+                new_seqs.append(new_seqs[0])
+                new_last.append(new_last[0])
+                new_scores.append(float("-inf"))
+            index = torch.tensor(rows, device=mel.device)
+            model.reorder_cache(cache, index)
+            seqs = new_seqs
+            last = torch.tensor(new_last, device=mel.device)
+            last_f0 = est.index_select(0, index) if est is not None else torch.zeros(beam, device=mel.device)
+            scores = torch.tensor(new_scores, device=mel.device)
+        if not finished:
+            best = int(scores.argmax())
+            finished.append((float(scores[best]), seqs[best]))
+        results.append(max(finished, key=lambda f: f[0])[1])
+    return results
+
+
+def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 1,
+                 max_len: int | None = None) -> list[list[int]]:
+    """Greedy (``beam == 1``) or beam-search token ids for a padded batch."""
+    if beam == 1:
+        return greedy_decode(model, mel, mel_lengths, f0, max_len=max_len)
+    return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len)
+
+
+def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu"
+                     ) -> list[str]:
+    """Transcripts of audio files with a trained checkpoint (one file at a time, no padding)."""
+    from echo.audio import compute_features, load_audio
+
+    model, tokenizer = load_model(checkpoint, device)
+    texts = []
+    for path in paths:
+        mel, f0 = compute_features(load_audio(path))
+        ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
+                           f0[None].to(device), beam=beam)[0]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m echo transcribe --checkpoint CKPT FILE.wav ...``"""
+    p = argparse.ArgumentParser(prog="python -m echo transcribe", description="Transcribe audio files.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--beam", type=int, default=1, help="1 = greedy")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("files", nargs="+")
+    args = p.parse_args(argv)
+    for path, text in zip(args.files, transcribe_files(args.checkpoint, args.files, beam=args.beam,
+                                                       device=args.device)):
+        print(f"{path}\t{text}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,101 @@
+"""Scoring: ``python -m echo evaluate --checkpoint CKPT --manifest test.jsonl`` prints WER and CER
+(jiwer, on normalised text) and writes per-utterance errors to a TSV file."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from echo.data.dataset import Collator
+from echo.decode import decode_batch
+from echo.model import Echo, load_model
+from echo.text import CharTokenizer, normalize_text
+
+
+def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    """Corpus WER and CER of normalised texts (utterances with an empty reference are skipped,
+    since jiwer cannot score them)."""
+    pairs = [(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps, strict=True)]
+    pairs = [(r, h) for r, h in pairs if r]
+    if not pairs:
+        raise ValueError("no utterance with a non-empty reference to score")
+    r, h = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {"wer": float(jiwer.wer(r, h)), "cer": float(jiwer.cer(r, h)), "utterances": len(pairs)}
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: Echo, tokenizer: CharTokenizer, dataset: Dataset, *, batch_size: int = 32, beam: int = 1,
+    device: torch.device | str = "cpu", progress: bool = True,
+) -> dict[str, Any]:
+    """Decode every utterance of a dataset of :class:`echo.data.dataset.Example` and score it.
+
+    Returns ``{"wer", "cer", "utterances", "rows"}``; rows are ``{"ref", "hyp", "wer", "cer"}`` per
+    utterance in dataset order.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=Collator(tokenizer.pad_id))
+    refs, hyps = [], []
+    for batch in tqdm(loader, desc="decode", disable=not progress, unit="batch"):
+        b = batch.to(device)
+        ids = decode_batch(model, b.mel, b.mel_lengths, b.f0, beam=beam)
+        hyps += [tokenizer.decode(x) for x in ids]
+        refs += batch.texts
+    model.train(was_training)
+    result: dict[str, Any] = score(refs, hyps)
+    rows = []
+    for r, h in zip(refs, hyps):
+        rn, hn = normalize_text(r), normalize_text(h)
+        rows.append({"ref": rn, "hyp": hn, "wer": jiwer.wer(rn, hn) if rn else float("nan"),
+                     "cer": jiwer.cer(rn, hn) if rn else float("nan")})
+    result["rows"] = rows
+    return result
+
+
+def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int = 1, batch_size: int = 32,
+                      cache_dir: str | Path | None = None, errors_path: str | Path | None = None,
+                      device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Score a checkpoint on a manifest; optionally write per-utterance errors (TSV) to ``errors_path``."""
+    from echo.data.dataset import SpeechDataset
+
+    model, tokenizer = load_model(checkpoint, device)
+    dataset = SpeechDataset(manifest, tokenizer, cache_dir=cache_dir)
+    result = evaluate_dataset(model, tokenizer, dataset, batch_size=batch_size, beam=beam, device=device,
+                              progress=progress)
+    if errors_path is not None:
+        path = Path(errors_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(["audio", "cer", "wer", "ref", "hyp"])
+            for rec, row in zip(dataset.records, result["rows"]):
+                w.writerow([rec["audio"], f"{row['cer']:.4f}", f"{row['wer']:.4f}", row["ref"], row["hyp"]])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m echo evaluate --checkpoint CKPT --manifest test.jsonl [--errors FILE] [--beam N]``"""
+    p = argparse.ArgumentParser(prog="python -m echo evaluate", description="WER/CER of a checkpoint on a manifest.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")
+    p.add_argument("--errors", default=None, help="per-utterance TSV (default: next to the checkpoint)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    errors = args.errors or str(Path(args.checkpoint).with_suffix("")) + f".{Path(args.manifest).stem}.errors.tsv"
+    result = evaluate_manifest(args.checkpoint, args.manifest, beam=args.beam, batch_size=args.batch_size,
+                               cache_dir=args.cache_dir, errors_path=errors, device=args.device)
+    print(f"WER {result['wer'] * 100:.2f}%  CER {result['cer'] * 100:.2f}%  ({result['utterances']} utterances)")
+    print(f"per-utterance errors: {errors}")
+    return 0

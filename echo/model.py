@@ -1,0 +1,618 @@
+"""The Echo model: a pitch-aware encoder-decoder ASR transformer on ``echo_kernels.RopeAttention``.
+
+Shapes: B batch, T mel frames (10 ms), T' = (T + 1) // 2 encoder frames, U tokens, d model width,
+H heads, V vocabulary. f0 is in Hz with 0 meaning unvoiced, padding at the end of every sequence.
+
+Design notes (why, not what):
+
+* The encoder's self-attention gets the frame f0 downsampled to the encoder rate
+  (:func:`echo.align.downsample_f0`), so its rotary base, radius and pitch bias follow the speech.
+* The decoder's causal self-attention gets a *token-aligned* f0. Its pitch normalisation uses the
+  utterance statistics of the encoder f0 (mean / std of voiced frames), not the token sequence,
+  so a token's features never depend on later tokens: no look-ahead during training, and the
+  features of cached keys stay valid while decoding. At inference a token's f0 is unknown, so it
+  is estimated from where the last decoder layer's cross-attention looked when it predicted that
+  token (the voiced-weighted mean encoder f0 under those weights); ``<bos>`` gets the utterance
+  mean in training and decoding alike.
+* Cross-attention is plain attention (no rotation, unit radius, no bias): encoder frames and
+  tokens live on different time axes, so a relative rotation between them has no meaning.
+* ``pitch=False`` feeds no f0 anywhere: every attention is plain RoPE with unit radius and no bias,
+  the baseline for ablations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from echo.align import downsample_f0, lengths_to_mask
+from echo_kernels import PitchFeatures, RopeAttention, rope_attention
+
+THETA_MODES = ("fixed", "f0", "mean_f0", "f0_offset")
+RADIUS_MODES = ("unit", "f0")
+BIAS_KINDS = ("exp", "l1", None)
+DECODER_F0 = ("aligned", "mean", "none")
+
+
+@dataclass
+class EchoConfig:
+    """Hyper-parameters of :class:`Echo` (all plain values, so it round-trips through YAML/JSON).
+
+    ``pitch=False`` switches every pitch feature off (plain RoPE, unit radius, no bias), whatever
+    ``theta_mode`` / ``radius_mode`` / ``bias`` say. ``decoder_f0``: ``"aligned"`` token-aligned f0,
+    ``"mean"`` the utterance mean for every token, ``"none"`` plain RoPE in the decoder.
+    ``ctc_weight`` in [0, 1): weight of the CTC loss on the encoder (0 builds no CTC head).
+    """
+
+    n_mels: int = 80
+    vocab_size: int = 42
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    enc_layers: int = 4
+    dec_layers: int = 2
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    theta: float = 10000.0
+    theta_mode: str = "f0"
+    radius_mode: str = "f0"
+    bias: str | None = "exp"
+    learnable_theta: bool = True
+    pitch: bool = True
+    decoder_f0: str = "aligned"
+    cross_rotary: bool = False
+    ctc_weight: float = 0.3
+    label_smoothing: float = 0.1
+    backend: str = "auto"
+    max_decode_len: int = 300
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        ints = ("n_mels", "vocab_size", "d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_decode_len")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"EchoConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) x an even head dim")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.theta_mode not in THETA_MODES:
+            raise ValueError(f"theta_mode must be one of {THETA_MODES}, got {self.theta_mode!r}")
+        if self.radius_mode not in RADIUS_MODES:
+            raise ValueError(f"radius_mode must be one of {RADIUS_MODES}, got {self.radius_mode!r}")
+        if self.bias not in BIAS_KINDS:
+            raise ValueError(f"bias must be 'exp', 'l1' or null, got {self.bias!r}")
+        if self.decoder_f0 not in DECODER_F0:
+            raise ValueError(f"decoder_f0 must be one of {DECODER_F0}, got {self.decoder_f0!r}")
+        if not 0.0 <= self.ctc_weight < 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1), got {self.ctc_weight}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("dropout and label_smoothing must be in [0, 1)")
+        if self.theta <= 0:
+            raise ValueError(f"theta must be positive, got {self.theta}")
+        if len({self.pad_id, self.bos_id, self.eos_id}) != 3 or max(self.pad_id, self.bos_id, self.eos_id) >= self.vocab_size:
+            raise ValueError("pad_id, bos_id and eos_id must be distinct ids below vocab_size")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EchoConfig:
+        """Build from a mapping, refusing unknown keys (a typo must not silently fall back)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (YAML/JSON/checkpoint friendly)."""
+        return asdict(self)
+
+
+class F0Stats(NamedTuple):
+    """Per-utterance statistics of the voiced encoder f0: mean, population std (1 with < 2 voiced
+    frames) and whether any frame is voiced, each ``[B]``."""
+
+    mean: Tensor
+    std: Tensor
+    has_voiced: Tensor
+
+
+class EncoderOutput(NamedTuple):
+    """Encoder states ``[B, T', d]``, their lengths ``[B]``, the encoder-rate f0 ``[B, T']`` (None when
+    pitch is off) and its :class:`F0Stats` (None when pitch is off)."""
+
+    states: Tensor
+    lengths: Tensor
+    f0: Tensor | None
+    stats: F0Stats | None
+
+
+def f0_stats(f0: Tensor, lengths: Tensor) -> F0Stats:
+    """Voiced mean / std of ``f0 [B, T]`` over valid frames, the same statistics ``pitch_features`` uses."""
+    voiced = lengths_to_mask(lengths, f0.shape[1]) & (f0 > 0)
+    w = voiced.to(f0.dtype)
+    n = w.sum(1)
+    mean = (f0 * w).sum(1) / n.clamp(min=1.0)
+    var = (((f0 - mean[:, None]) * w) ** 2).sum(1) / n.clamp(min=1.0)
+    std = torch.where(n >= 2, var.sqrt(), torch.ones_like(var))
+    return F0Stats(mean, std, n > 0)
+
+
+def token_features(
+    f0: Tensor, stats: F0Stats, cfg: EchoConfig, *, start: int = 0, lengths: Tensor | None = None
+) -> PitchFeatures:
+    """Decoder features for tokens ``start .. start + U - 1`` from their f0 ``[B, U]``.
+
+    The same formulas as ``echo_kernels.pitch_features`` but normalised with the encoder's
+    utterance statistics, and elementwise per token: computing a prefix token by token gives
+    exactly the slice of the full computation (which is what makes the decoder cache exact).
+    """
+    batch, length = f0.shape
+    f0 = f0.float()
+    valid = torch.ones_like(f0, dtype=torch.bool) if lengths is None else lengths_to_mask(lengths, length)
+    voiced = valid & (f0 > 0)
+    mean, std = stats.mean[:, None], stats.std[:, None]
+    pitch = torch.where(voiced, (f0 - mean) / (std + 1e-6), torch.zeros_like(f0))
+    log_fixed = torch.full_like(f0, math.log(cfg.theta))
+    fallback = torch.where(stats.has_voiced[:, None], mean.clamp(min=1e-6).log().expand_as(f0), log_fixed)
+    if cfg.theta_mode == "fixed":
+        log_theta = log_fixed
+    elif cfg.theta_mode == "f0":
+        log_theta = torch.where(voiced, f0.clamp(min=1e-6).log(), fallback)
+    elif cfg.theta_mode == "mean_f0":
+        log_theta = fallback
+    else:  # f0_offset
+        log_theta = (torch.where(voiced, f0, torch.zeros_like(f0)) + cfg.theta).log()
+    radius = torch.ones_like(f0) if cfg.radius_mode == "unit" else f0.clamp(40.0, 600.0) / 600.0
+    pos = (torch.arange(length, device=f0.device, dtype=f0.dtype) + start).expand(batch, length)
+    return PitchFeatures(pos.contiguous(), log_theta, radius, pitch, voiced.to(f0.dtype))
+
+
+def plain_features(batch: int, length: int, theta: float, device: torch.device, *, start: int = 0) -> PitchFeatures:
+    """Features without f0 (plain RoPE): positions ``start..``, fixed base, unit radius, unvoiced."""
+    pos = (torch.arange(length, device=device, dtype=torch.float32) + start).expand(batch, length).contiguous()
+    zeros = torch.zeros(batch, length, device=device)
+    return PitchFeatures(pos, torch.full_like(zeros, math.log(theta)), torch.ones_like(zeros), zeros, zeros.clone())
+
+
+def layer_features(attn: RopeAttention, feats: PitchFeatures, dtype: torch.dtype) -> PitchFeatures:
+    """Apply one layer's own settings to shared base features: its learnable log-theta offset and
+    its rotary switch (mirrors ``RopeAttention.features``)."""
+    feats = PitchFeatures(*(t.to(dtype) for t in feats))
+    if not attn.rotary:
+        feats = feats._replace(pos=torch.zeros_like(feats.pos))
+    return feats._replace(log_theta=feats.log_theta + attn.log_theta_offset.to(dtype))
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """``[B, T, heads * D] -> [B, heads, T, D]``."""
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def project_kv(attn: RopeAttention, source: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values ``[B, Hk, S, D]`` of ``source [B, S, d]`` with ``attn``'s projections."""
+    return _heads(attn.k_proj(source), attn.num_kv_heads), _heads(attn.v_proj(source), attn.num_kv_heads)
+
+
+def attend(
+    attn: RopeAttention, x: Tensor, k: Tensor, v: Tensor, fq: PitchFeatures, fk: PitchFeatures, *,
+    causal: bool, q_lengths: Tensor | None = None, k_lengths: Tensor | None = None,
+) -> Tensor:
+    """``attn``'s attention of queries from ``x [B, Tq, d]`` over given keys/values: ``[B, Tq, d]``.
+
+    Same computation as ``RopeAttention.forward`` but with caller-supplied k/v and features, which
+    the decoder needs for its key/value cache and its prefix-consistent token features.
+    """
+    batch, length, _ = x.shape
+    q = _heads(attn.q_proj(x), attn.num_heads)
+    if _is_plain(attn, fq, fk):
+        return attn.out_proj(_plain_attention(q, k, v, q_lengths, k_lengths).reshape(batch, length, -1))
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = rope_attention(
+        q, k, v, features=layer_features(attn, fq, stat), features_k=layer_features(attn, fk, stat),
+        bias=attn.bias, alpha=attn.alpha, beta=attn.beta, causal=causal, q_lengths=q_lengths,
+        k_lengths=k_lengths, backend=attn.backend,
+    )
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, length, attn.num_heads * attn.head_dim))
+
+
+def _is_plain(attn: RopeAttention, fq: PitchFeatures, fk: PitchFeatures) -> bool:
+    """True when the layer computes ordinary attention: no rotation, no bias, unit radius (our
+    cross-attention). Then SDPA gives the same result as the pitch kernel, several times faster on CPU."""
+    return (not attn.rotary and attn.bias is None and attn.radius_mode == "unit"
+            and bool((fq.radius == 1).all()) and bool((fk.radius == 1).all()))
+
+
+def _plain_attention(q: Tensor, k: Tensor, v: Tensor, q_lengths: Tensor | None, k_lengths: Tensor | None) -> Tensor:
+    """SDPA over valid keys, ``[B, H, Tq, D] -> [B, Tq, H, D]``; padded query rows are 0 as in the contract."""
+    _, heads, tq, _ = q.shape
+    tk = k.shape[2]
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    mask = None
+    if k_lengths is not None:
+        mask = (torch.arange(tk, device=q.device)[None, :] < k_lengths.to(q.device)[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    if q_lengths is not None:
+        rows = torch.arange(tq, device=q.device)[None, :] < q_lengths.to(q.device)[:, None]
+        out = out * rows[..., None, None].to(out.dtype)
+    return out
+
+
+def _rotate_pairs(x: Tensor, feats: PitchFeatures) -> Tensor:
+    """Rotated and scaled ``x [B, H, T, D]`` as ``[B, H, T, D]`` with the even parts first, then
+    the odd parts (dot products are unchanged by that permutation)."""
+    half = x.shape[-1] // 2
+    m = torch.arange(half, device=x.device, dtype=feats.pos.dtype)
+    omega = torch.exp(-(2.0 * m / x.shape[-1]) * feats.log_theta[..., None])  # [B, T, P]
+    phi = feats.pos[..., None] * omega
+    cos, sin, r = phi.cos()[:, None], phi.sin()[:, None], feats.radius[:, None, :, None]
+    xe, xo = x[..., 0::2].to(phi.dtype), x[..., 1::2].to(phi.dtype)
+    return torch.cat([r * (xe * cos - xo * sin), r * (xe * sin + xo * cos)], dim=-1)
+
+
+def dense_attention_weights(
+    attn: RopeAttention, q: Tensor, k: Tensor, fq: PitchFeatures, fk: PitchFeatures, *,
+    causal: bool = False, q_lengths: Tensor | None = None, k_lengths: Tensor | None = None,
+) -> Tensor:
+    """Softmax weights ``[B, H, Tq, Tk]`` by the dense contract formula (for display and for the
+    decoder's f0 estimate; never in the training path). q ``[B, H, Tq, D]``, k ``[B, Hk, Tk, D]``;
+    ``fq``/``fk`` must already carry the layer's settings (see :func:`layer_features`).
+    Disallowed entries and padded query rows are 0."""
+    batch, heads, tq, dim = q.shape
+    tk = k.shape[2]
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    scores = (_rotate_pairs(q, fq) @ _rotate_pairs(k, fk).transpose(-1, -2)) / math.sqrt(dim)
+    if attn.bias is not None:
+        dist = (fq.pitch[:, None, :, None] - fk.pitch[:, None, None, :]).abs()
+        both = fq.voiced[:, None, :, None] * fk.voiced[:, None, None, :]
+        alpha = attn.alpha.to(scores.dtype)[None, :, None, None]
+        beta = attn.beta.to(scores.dtype)
+        term = alpha * torch.exp(-beta * dist) if attn.bias == "exp" else -alpha * beta * dist
+        scores = scores + term * both
+    device = q.device
+    lq = torch.full((batch,), tq, device=device) if q_lengths is None else q_lengths.to(device)
+    lk = torch.full((batch,), tk, device=device) if k_lengths is None else k_lengths.to(device)
+    i = torch.arange(tq, device=device)[None, :, None]
+    j = torch.arange(tk, device=device)[None, None, :]
+    allowed = (j < lk[:, None, None]) & (i < lq[:, None, None])
+    if causal:
+        allowed = allowed & (j <= i + (lk - lq)[:, None, None])
+    allowed = allowed[:, None]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.nan_to_num(weights, nan=0.0) * allowed
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear, GELU, dropout, Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, T, d] -> [B, T, d]``."""
+        return self.fc2(self.drop(F.gelu(self.fc1(x))))
+
+
+def _self_attention(cfg: EchoConfig, *, bias: str | None, theta_mode: str, radius_mode: str) -> RopeAttention:
+    return RopeAttention(
+        cfg.d_model, cfg.n_heads, num_kv_heads=cfg.n_kv_heads, bias=bias, theta=cfg.theta,
+        theta_mode=theta_mode, radius_mode=radius_mode, learnable_theta=cfg.learnable_theta, backend=cfg.backend,
+    )
+
+
+class EncoderBlock(nn.Module):
+    """Pre-RMSNorm block: pitch-aware self-attention, then MLP."""
+
+    def __init__(self, cfg: EchoConfig) -> None:
+        super().__init__()
+        pitch = cfg.pitch
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model, eps=1e-6), nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.attn = _self_attention(
+            cfg, bias=cfg.bias if pitch else None, theta_mode=cfg.theta_mode if pitch else "fixed",
+            radius_mode=cfg.radius_mode if pitch else "unit",
+        )
+        self.mlp = MLP(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, f0: Tensor | None, lengths: Tensor) -> Tensor:
+        """x ``[B, T', d]``, f0 ``[B, T']`` or None, lengths ``[B]`` -> ``[B, T', d]``."""
+        x = x + self.drop(self.attn(self.norm1(x), f0, lengths=lengths))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-RMSNorm block: causal pitch-aware self-attention, plain cross-attention, MLP."""
+
+    def __init__(self, cfg: EchoConfig) -> None:
+        super().__init__()
+        pitch = cfg.pitch and cfg.decoder_f0 != "none"
+        self.norm1, self.norm2, self.norm3 = (nn.RMSNorm(cfg.d_model, eps=1e-6) for _ in range(3))
+        self.self_attn = _self_attention(
+            cfg, bias=cfg.bias if pitch else None, theta_mode=cfg.theta_mode if pitch else "fixed",
+            radius_mode=cfg.radius_mode if pitch else "unit",
+        )
+        self.cross_attn = RopeAttention(
+            cfg.d_model, cfg.n_heads, num_kv_heads=cfg.n_kv_heads, bias=None, theta=cfg.theta,
+            theta_mode="fixed", radius_mode="unit", learnable_theta=cfg.learnable_theta and cfg.cross_rotary,
+            cross=True, backend=cfg.backend, rotary=cfg.cross_rotary,
+        )
+        self.mlp = MLP(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+
+class Echo(nn.Module):
+    """Pitch-aware encoder-decoder ASR model (see the module docstring for the design)."""
+
+    def __init__(self, cfg: EchoConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, EchoConfig):
+            raise TypeError(f"cfg must be an EchoConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.enc_layers))
+        self.enc_norm = nn.RMSNorm(d, eps=1e-6)
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.embed.weight, std=d**-0.5)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.RMSNorm(d, eps=1e-6)
+        self.ctc_head = nn.Linear(d, cfg.vocab_size) if cfg.ctc_weight > 0 else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    # --- encoder ---------------------------------------------------------------------------------
+
+    def encode(self, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None = None) -> EncoderOutput:
+        """mel ``[B, T, n_mels]``, mel_lengths ``[B]``, f0 ``[B, T]`` Hz -> :class:`EncoderOutput`.
+
+        Padding frames are zeroed after per-utterance normalisation and after the first conv, so an
+        utterance's output is the same alone or padded in a batch.
+        """
+        if mel.dim() != 3 or mel.shape[-1] != self.cfg.n_mels:
+            raise ValueError(f"mel must be [B, T, {self.cfg.n_mels}], got {tuple(mel.shape)}")
+        mel_lengths = mel_lengths.to(mel.device).long()
+        mask = lengths_to_mask(mel_lengths, mel.shape[1])[..., None].to(mel.dtype)
+        # Per-utterance mean/variance normalisation: the TTS engines differ a lot in level.
+        n = mel_lengths.clamp(min=1)[:, None, None].to(mel.dtype)
+        mean = (mel * mask).sum(1, keepdim=True) / n
+        std = ((((mel - mean) * mask) ** 2).sum(1, keepdim=True) / n).clamp(min=1e-5).sqrt()
+        x = ((mel - mean) / std * mask).transpose(1, 2)
+        x = F.gelu(self.conv1(x)) * mask.transpose(1, 2)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        enc_lengths = (mel_lengths + 1) // 2
+        x = self.drop(x)
+        enc_f0 = stats = None
+        if self.cfg.pitch:
+            if f0 is None:
+                raise ValueError("this model uses pitch (cfg.pitch=True): f0 [B, T] is required")
+            enc_f0, _ = downsample_f0(f0, mel_lengths, 2)
+            enc_f0 = enc_f0[:, : x.shape[1]]
+            stats = f0_stats(enc_f0, enc_lengths)
+        for block in self.encoder:
+            x = block(x, enc_f0, enc_lengths)
+        return EncoderOutput(self.enc_norm(x), enc_lengths, enc_f0, stats)
+
+    # --- decoder ---------------------------------------------------------------------------------
+
+    def _decoder_base_features(
+        self, token_f0: Tensor | None, enc: EncoderOutput, batch: int, length: int, start: int,
+        lengths: Tensor | None = None,
+    ) -> PitchFeatures:
+        """Shared (pre-layer) decoder self-attention features for tokens ``start..start+length-1``."""
+        mode = self.cfg.decoder_f0 if self.cfg.pitch else "none"
+        device = enc.states.device
+        if mode == "none" or enc.stats is None:
+            return plain_features(batch, length, self.cfg.theta, device, start=start)
+        if mode == "mean" or token_f0 is None:
+            token_f0 = torch.where(enc.stats.has_voiced, enc.stats.mean, torch.zeros_like(enc.stats.mean))
+            token_f0 = token_f0[:, None].expand(batch, length)
+        elif start == 0:
+            # <bos> has no audio: give it the utterance mean (the same in training and decoding).
+            token_f0 = torch.cat([enc.stats.mean[:, None] * enc.stats.has_voiced[:, None], token_f0[:, 1:]], 1)
+        return token_features(token_f0, enc.stats, self.cfg, start=start, lengths=lengths)
+
+    def _cross_features(self, batch: int, tq: int, tk: int, device: torch.device) -> tuple[PitchFeatures, PitchFeatures]:
+        return plain_features(batch, tq, self.cfg.theta, device), plain_features(batch, tk, self.cfg.theta, device)
+
+    def decode(
+        self, tokens: Tensor, token_lengths: Tensor | None, enc: EncoderOutput, token_f0: Tensor | None = None,
+        *, return_cross: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced decoder: tokens ``[B, U]`` (starting with ``<bos>``) -> logits ``[B, U, V]``.
+
+        With ``return_cross`` also the last layer's head-mean cross-attention weights ``[B, U, T']``
+        (used to estimate the f0 of the next token while decoding).
+        """
+        batch, length = tokens.shape
+        x = self.drop(self.embed(tokens))
+        base = self._decoder_base_features(token_f0, enc, batch, length, 0, token_lengths)
+        cq, ck = self._cross_features(batch, length, enc.states.shape[1], x.device)
+        cross = None
+        for n, block in enumerate(self.decoder):
+            h = block.norm1(x)
+            k, v = project_kv(block.self_attn, h)
+            x = x + block.drop(attend(block.self_attn, h, k, v, base, base, causal=True,
+                                      q_lengths=token_lengths, k_lengths=token_lengths))
+            h = block.norm2(x)
+            k, v = project_kv(block.cross_attn, enc.states)
+            x = x + block.drop(attend(block.cross_attn, h, k, v, cq, ck, causal=False,
+                                      q_lengths=token_lengths, k_lengths=enc.lengths))
+            if return_cross and n == len(self.decoder) - 1:
+                cross = self._cross_weights(block, h, k, cq, ck, enc.lengths)
+            x = x + block.drop(block.mlp(block.norm3(x)))
+        return self.dec_norm(x) @ self.embed.weight.t(), cross
+
+    def _cross_weights(self, block: DecoderBlock, h: Tensor, k: Tensor, cq: PitchFeatures, ck: PitchFeatures,
+                       enc_lengths: Tensor) -> Tensor:
+        attn = block.cross_attn
+        q = _heads(attn.q_proj(h), attn.num_heads)
+        w = dense_attention_weights(attn, q.float(), k.float(), layer_features(attn, cq, torch.float32),
+                                    layer_features(attn, ck, torch.float32), k_lengths=enc_lengths)
+        return w.mean(1)
+
+    def init_cache(self, enc: EncoderOutput) -> dict[str, Any]:
+        """Decoding state: per-layer cross-attention keys/values (computed once) and empty self-attention
+        key/value caches plus the cached keys' features."""
+        cross = [project_kv(block.cross_attn, enc.states) for block in self.decoder]
+        return {"t": 0, "self_k": [None] * len(self.decoder), "self_v": [None] * len(self.decoder),
+                "feats": None, "cross": cross}
+
+    def step(self, token: Tensor, token_f0: Tensor | None, enc: EncoderOutput, cache: dict[str, Any]
+             ) -> tuple[Tensor, Tensor]:
+        """One decoding step with the key/value cache: token ``[B]`` at position ``cache["t"]`` with its f0
+        ``[B]`` (ignored for ``<bos>`` at t = 0) -> (logits ``[B, V]``, cross weights ``[B, T']``).
+
+        Only the new token's queries/keys/values are computed; its keys/values and features are
+        appended to the cache, so a step costs O(t) instead of re-running the prefix.
+        """
+        t = cache["t"]
+        batch = token.shape[0]
+        x = self.embed(token[:, None])
+        f0_col = None if token_f0 is None else token_f0[:, None]
+        if t == 0 and f0_col is not None:
+            f0_col = torch.zeros_like(f0_col)  # replaced by the utterance mean in _decoder_base_features
+        new = self._decoder_base_features(f0_col, enc, batch, 1, t)
+        feats = new if cache["feats"] is None else PitchFeatures(*(torch.cat(p, 1) for p in zip(cache["feats"], new)))
+        cq, ck = self._cross_features(batch, 1, enc.states.shape[1], x.device)
+        cross_w = None
+        for n, block in enumerate(self.decoder):
+            h = block.norm1(x)
+            k, v = project_kv(block.self_attn, h)
+            if cache["self_k"][n] is not None:
+                k = torch.cat([cache["self_k"][n], k], 2)
+                v = torch.cat([cache["self_v"][n], v], 2)
+            cache["self_k"][n], cache["self_v"][n] = k, v
+            # Tq = 1 against Tk = t + 1 keys: the bottom-right causal alignment allows every cached key.
+            x = x + attend(block.self_attn, h, k, v, new, feats, causal=True)
+            h = block.norm2(x)
+            ck_, cv_ = cache["cross"][n]
+            x = x + attend(block.cross_attn, h, ck_, cv_, cq, ck, causal=False, k_lengths=enc.lengths)
+            if n == len(self.decoder) - 1:
+                cross_w = self._cross_weights(block, h, ck_, cq, ck, enc.lengths)[:, 0]
+            x = x + block.mlp(block.norm3(x))
+        cache["feats"], cache["t"] = feats, t + 1
+        return (self.dec_norm(x) @ self.embed.weight.t())[:, 0], cross_w
+
+    @staticmethod
+    def reorder_cache(cache: dict[str, Any], index: Tensor) -> dict[str, Any]:
+        """Select batch rows ``index [B']`` of every cached tensor (beam search)."""
+        cache["self_k"] = [None if k is None else k.index_select(0, index) for k in cache["self_k"]]
+        cache["self_v"] = [None if v is None else v.index_select(0, index) for v in cache["self_v"]]
+        if cache["feats"] is not None:
+            cache["feats"] = PitchFeatures(*(f.index_select(0, index) for f in cache["feats"]))
+        cache["cross"] = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache["cross"]]
+        return cache
+
+    @staticmethod
+    def estimate_token_f0(cross_weights: Tensor, enc: EncoderOutput) -> Tensor | None:
+        """f0 ``[B]`` of the token just predicted: the voiced-weighted mean encoder f0 under the
+        cross-attention weights ``[B, T']``; 0 (unvoiced) when under half of the mass is voiced,
+        mirroring the training alignment where a span without voiced frames gets 0."""
+        if enc.f0 is None:
+            return None
+        voiced = (enc.f0 > 0).to(cross_weights.dtype)
+        mass = (cross_weights * voiced).sum(-1)
+        value = (cross_weights * enc.f0).sum(-1) / mass.clamp(min=1e-9)
+        return torch.where(mass >= 0.5, value, torch.zeros_like(value))
+
+    # --- training --------------------------------------------------------------------------------
+
+    def forward(
+        self, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, tokens: Tensor, token_lengths: Tensor,
+        token_f0: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Joint CTC/attention loss for a padded batch.
+
+        mel ``[B, T, n_mels]``, mel_lengths ``[B]``, f0 ``[B, T]``, tokens ``[B, U]`` = ``<bos> ... <eos>``
+        padded with ``pad_id``, token_lengths ``[B]`` (with bos/eos), token_f0 ``[B, U]``.
+        Returns ``loss``, ``att_loss``, ``ctc_loss`` (0-d) and ``tokens`` (number of predicted tokens).
+        """
+        cfg = self.cfg
+        enc = self.encode(mel, mel_lengths, f0)
+        token_lengths = token_lengths.to(tokens.device).long()
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        in_f0 = None if token_f0 is None else token_f0[:, :-1]
+        logits, _ = self.decode(inputs, token_lengths - 1, enc, in_f0)
+        att = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets.reshape(-1),
+                              ignore_index=cfg.pad_id, label_smoothing=cfg.label_smoothing)
+        out = {"att_loss": att, "tokens": (targets != cfg.pad_id).sum()}
+        if self.ctc_head is not None:
+            log_probs = self.ctc_head(enc.states).float().log_softmax(-1).transpose(0, 1)
+            # Targets are the characters without <bos>/<eos>; the pad id doubles as the CTC blank.
+            ctc = F.ctc_loss(log_probs, targets, enc.lengths, (token_lengths - 2).clamp(min=0),
+                             blank=cfg.pad_id, zero_infinity=True)
+            out["ctc_loss"] = ctc
+            out["loss"] = (1 - cfg.ctc_weight) * att + cfg.ctc_weight * ctc
+        else:
+            out["ctc_loss"] = torch.zeros((), device=att.device)
+            out["loss"] = att
+        return out
+
+    # --- inspection ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encoder_attention_maps(self, mel: Tensor, f0: Tensor | None) -> list[np.ndarray]:
+        """Per-layer encoder self-attention weights ``[H, T', T']`` for one utterance (mel ``[T, n_mels]``,
+        f0 ``[T]``), by the dense reference formula."""
+        mel_lengths = torch.tensor([mel.shape[0]], device=mel.device)
+        maps: list[np.ndarray] = []
+
+        def hook(module: RopeAttention, args: tuple, kwargs: dict) -> None:
+            x = args[0]
+            f0_in = args[1] if len(args) > 1 else kwargs.get("f0")
+            lengths = kwargs.get("lengths")
+            q = _heads(module.q_proj(x), module.num_heads).float()
+            k = _heads(module.k_proj(x), module.num_kv_heads).float()
+            feats = module.features(f0_in, x.shape[0], x.shape[1], lengths, torch.float32, x.device)
+            w = dense_attention_weights(module, q, k, feats, feats, q_lengths=lengths, k_lengths=lengths)
+            maps.append(w[0].cpu().numpy())
+
+        handles = [b.attn.register_forward_pre_hook(hook, with_kwargs=True) for b in self.encoder]
+        try:
+            was_training = self.training
+            self.eval()
+            self.encode(mel[None], mel_lengths, None if f0 is None else f0[None])
+            self.train(was_training)
+        finally:
+            for h in handles:
+                h.remove()
+        return maps
+
+
+def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[Echo, Any]:
+    """Model (eval mode) and tokenizer from a training checkpoint written by ``echo.train``."""
+    from echo.text import CharTokenizer
+
+    ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{checkpoint_path} is not an Echo training checkpoint")
+    cfg = EchoConfig.from_dict(ckpt["config"]["model"])
+    model = Echo(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    tokenizer = CharTokenizer("".join(ckpt["tokenizer"][4:]))
+    return model, tokenizer
+
+
+def attention_maps(checkpoint_path: str | Path, wav_path: str | Path) -> list[np.ndarray]:
+    """Encoder self-attention maps of a trained model on one file: one ``[H, T', T']`` array per layer."""
+    from echo.audio import compute_features, load_audio
+
+    model, _ = load_model(checkpoint_path)
+    mel, f0 = compute_features(load_audio(wav_path))
+    return model.encoder_attention_maps(mel, f0 if model.cfg.pitch else None)

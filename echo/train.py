@@ -1,0 +1,533 @@
+"""Training for :class:`echo.model.Echo`: ``python -m echo train --config configs/tiny.yaml``.
+
+* AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on GPU.
+* Single process or ``torchrun --nproc_per_node N`` (DistributedDataParallel; NCCL on GPU, gloo on
+  CPU). Only rank 0 writes logs and checkpoints.
+* Exact resume: the batch order is a pure function of (seed, epoch) (see
+  :class:`DistributedBucketSampler`), the position inside the epoch is checkpointed, and the RNG
+  states of every rank are saved and restored, so a resumed CPU run follows the same loss curve and
+  ends with the same weights as an uninterrupted one.
+* Checkpoints are written atomically (temp file in the same folder, fsync, ``os.replace``): a crash
+  while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from echo.align import token_f0
+from echo.data.dataset import Batch, Collator, Example, SpeechDataset
+from echo.model import Echo, EchoConfig
+from echo.text import CharTokenizer
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from. ``synthetic``: a generated toy task (tests, smoke runs) instead of
+    the corpus; ``synthetic_size`` utterances for train (dev/test get a quarter each)."""
+
+    corpus: str = "data/corpus"
+    train: str = "train.jsonl"
+    dev: str = "dev.jsonl"
+    test: str = "test.jsonl"
+    cache_dir: str | None = "data/corpus/cache"
+    max_duration: float | None = None
+    synthetic: bool = False
+    synthetic_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. ``max_minutes`` (0 = none) stops early on wall time;
+    the schedule still runs over ``max_steps``. ``eval_every`` / ``ckpt_every`` = 0 disables."""
+
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 300
+    max_steps: int = 3000
+    max_minutes: float = 0.0
+    grad_clip: float = 1.0
+    bucket_factor: int = 50
+    eval_every: int = 500
+    eval_max_utts: int = 200
+    eval_batch_size: int = 32
+    ckpt_every: int = 250
+    log_every: int = 10
+    num_workers: int = 0
+    threads: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: ``model`` (:class:`EchoConfig`), ``train``, ``data``."""
+
+    model: EchoConfig = field(default_factory=EchoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (stored in checkpoints)."""
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data)}
+
+
+def _section(cls: type, data: Any, name: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise TypeError(f"config section '{name}' must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in config section '{name}': {unknown}; known: {sorted(known)}")
+    data = dict(data)
+    if "betas" in data:
+        data["betas"] = tuple(data["betas"])
+    return cls(**data)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate a nested mapping ``{model, train, data}`` into a :class:`RunConfig`."""
+    if not isinstance(data, dict):
+        raise TypeError(f"config must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - {"model", "train", "data"})
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; expected model, train, data")
+    model = EchoConfig.from_dict(data.get("model") or {})
+    train = _section(TrainConfig, data.get("train"), "train")
+    for name in ("batch_size", "max_steps", "log_every"):
+        if getattr(train, name) <= 0:
+            raise ValueError(f"train.{name} must be positive, got {getattr(train, name)}")
+    if train.lr <= 0 or train.warmup_steps < 0 or train.grad_clip < 0:
+        raise ValueError("train.lr must be > 0, warmup_steps >= 0, grad_clip >= 0")
+    return RunConfig(model, train, _section(DataConfig, data.get("data"), "data"))
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML or JSON config, then apply ``section.key=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        if str(path).endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override must look like section.key=value, got {item!r}")
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][name] = _parse_value(value)
+    return config_from_dict(data)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+class SyntheticDataset(Dataset):
+    """A learnable toy ASR task: each character is a fixed random mel pattern held for 3-5 frames,
+    with a per-utterance pitch contour. Deterministic in (seed, index)."""
+
+    def __init__(self, size: int, seed: int = 0, tokenizer: CharTokenizer | None = None, n_mels: int = 80,
+                 alphabet: str = "abcdefgh ") -> None:
+        self.size, self.seed, self.n_mels, self.alphabet = size, seed, n_mels, alphabet
+        self.tokenizer = tokenizer or CharTokenizer()
+        g = torch.Generator().manual_seed(12345)  # the same "voice" for every split
+        self.patterns = torch.randn(self.tokenizer.vocab_size, n_mels, generator=g)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def durations(self) -> list[float]:
+        """Approximate durations (used only for bucketing)."""
+        return [float(len(self._text(i))) for i in range(self.size)]
+
+    def _text(self, i: int) -> str:
+        g = random.Random(self.seed * 1_000_003 + i)
+        return "".join(g.choice(self.alphabet) for _ in range(g.randint(3, 8))).strip() or "a"
+
+    def __getitem__(self, i: int) -> Example:
+        text = self._text(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        ids = self.tokenizer.encode(text, normalize=False)
+        frames, pitch = [], []
+        base = 100.0 + 100.0 * float(torch.rand((), generator=g))
+        for n, t in enumerate(ids[1:-1]):
+            k = int(torch.randint(3, 6, (), generator=g))
+            frames.append(self.patterns[t].expand(k, -1))
+            voiced = text[n] != " "
+            pitch.append(torch.full((k,), base * (1 + 0.05 * (t % 5)) if voiced else 0.0))
+        mel = torch.cat(frames) + 0.3 * torch.randn(sum(f.shape[0] for f in frames), self.n_mels, generator=g)
+        f0 = torch.cat(pitch).float()
+        tokens = torch.tensor(ids, dtype=torch.long)
+        tf0 = token_f0(f0[None], torch.tensor([f0.shape[0]]), tokens[None], torch.tensor([tokens.shape[0]]))[0]
+        return Example(mel.float(), f0, tokens, tf0, text)
+
+
+def build_datasets(cfg: RunConfig, tokenizer: CharTokenizer) -> dict[str, Dataset]:
+    """``{"train", "dev", "test"}`` datasets for a run (synthetic or from the corpus manifests)."""
+    d = cfg.data
+    if d.synthetic:
+        quarter = max(d.synthetic_size // 4, 2)
+        return {"train": SyntheticDataset(d.synthetic_size, 0, tokenizer, cfg.model.n_mels),
+                "dev": SyntheticDataset(quarter, 1, tokenizer, cfg.model.n_mels),
+                "test": SyntheticDataset(quarter, 2, tokenizer, cfg.model.n_mels)}
+    root = Path(d.corpus)
+    out = {}
+    for split in ("train", "dev", "test"):
+        manifest = root / getattr(d, split)
+        if not manifest.exists():
+            raise FileNotFoundError(f"manifest {manifest} not found (build the corpus: python -m echo.data.synth)")
+        # Long files are dropped only from training (they dominate padding); eval keeps everything.
+        max_dur = d.max_duration if split == "train" else None
+        out[split] = SpeechDataset(manifest, tokenizer, cache_dir=d.cache_dir, max_duration=max_dur)
+    return out
+
+
+class DistributedBucketSampler(DistributedSampler):
+    """Length-bucketed batches whose order is a pure function of (seed, epoch), split over ranks.
+
+    Per epoch: a seeded permutation, cut into pools of ``batch_size * bucket_factor`` utterances,
+    each pool sorted by duration and cut into batches (little padding), the batch order shuffled
+    again, trimmed to a multiple of the world size, and rank r takes batches r, r + W, ...
+    Use :meth:`batches` (a list) as a DataLoader ``batch_sampler``.
+    """
+
+    def __init__(self, durations: list[float], batch_size: int, *, num_replicas: int | None = None,
+                 rank: int | None = None, seed: int = 0, bucket_factor: int = 50) -> None:
+        super().__init__(range(len(durations)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.durations, self.batch_size, self.bucket_factor = durations, batch_size, bucket_factor
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches for the current epoch (call :meth:`set_epoch` first)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.durations), generator=g).tolist()
+        pool = self.batch_size * max(self.bucket_factor, 1)
+        batches = []
+        for start in range(0, len(perm), pool):
+            chunk = sorted(perm[start:start + pool], key=lambda i: self.durations[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+        usable = len(batches) - len(batches) % self.num_replicas
+        if usable == 0:
+            raise ValueError(f"{len(batches)} batches cannot be split over {self.num_replicas} ranks")
+        return batches[self.rank:usable:self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def batch_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Keyword arguments of :meth:`Echo.forward` from a collated batch."""
+    b = batch.to(device)
+    return {"mel": b.mel, "mel_lengths": b.mel_lengths, "f0": b.f0, "tokens": b.tokens,
+            "token_lengths": b.token_lengths, "token_f0": b.token_f0}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the target folder, fsync, then ``os.replace``: readers and
+    crashes only ever see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step can touch."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier for LambdaLR: linear warmup to 1, then cosine down to ``min_ratio`` at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not on norms, biases, or the scalar/per-head pitch params)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+
+def _dist_setup(device_pref: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable[[int, nn.Module], None] | None = None,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train (or continue) a run; returns ``{"step", "loss_history", "best_dev_cer", "out_dir"}``.
+
+    ``resume``: True continues from ``out_dir/last.pt`` when it exists, a path continues from that
+    checkpoint. ``step_callback(step, model)`` runs after every optimiser step (tests).
+    """
+    tc = cfg.train
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    rank, world, device = _dist_setup(tc.device)
+    is_main = rank == 0
+    out_dir = Path(tc.out_dir)
+    tokenizer = CharTokenizer()
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) != tokenizer size ({tokenizer.vocab_size})")
+
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+    model = Echo(cfg.model).to(device)
+    datasets = build_datasets(cfg, tokenizer)
+    optimizer = make_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    step, epoch, batch_in_epoch, best_cer = 0, 0, 0, float("inf")
+
+    ckpt_path = out_dir / "last.pt"
+    resume_from = Path(resume) if isinstance(resume, (str, Path)) else (ckpt_path if resume else None)
+    if resume_from is not None and resume_from.exists():
+        ckpt = torch.load(resume_from, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        best_cer = ckpt.get("best_dev_cer", best_cer)
+        states = ckpt["rng"]
+        set_rng_state(states[rank] if rank < len(states) else states[0])
+        if is_main and not quiet:
+            print(f"resumed from {resume_from} at step {step}")
+    elif isinstance(resume, (str, Path)):
+        raise FileNotFoundError(f"checkpoint {resume} not found")
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        # Pitch switches leave some parameters (alpha, beta, offsets) without gradient.
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    train_set = datasets["train"]
+    sampler = DistributedBucketSampler(train_set.durations(), tc.batch_size, num_replicas=world, rank=rank,
+                                       seed=tc.seed, bucket_factor=tc.bucket_factor)
+    collate = Collator(tokenizer.pad_id)
+    use_amp = tc.amp and device.type == "cuda"
+    writer = _summary_writer(out_dir / "tb") if is_main else None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def save(path: Path, collective: bool = True) -> None:
+        # Collective saves gather every rank's RNG state (exact DDP resume); rank-0-only saves
+        # (best.pt, written during rank 0's evaluation) cannot.
+        rngs = [rng_state()]
+        if world > 1 and collective:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if is_main:
+            atomic_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "rng": rngs, "tokenizer": tokenizer.itos,
+                "config": cfg.to_dict(), "best_dev_cer": best_cer,
+            }, path)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not is_main or quiet, dynamic_ncols=True)
+    history: list[float] = []
+    t_start = time.time()
+    frames_window, t_window = 0, time.time()
+    stop = step >= tc.max_steps
+    while not stop:
+        sampler.set_epoch(epoch)
+        batches = sampler.batches()[batch_in_epoch:]
+        # A private generator keeps worker seeding from consuming the global RNG (exact resume).
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tc.num_workers,
+                            generator=torch.Generator().manual_seed(tc.seed))
+        for batch in loader:
+            model.train()
+            inputs = batch_inputs(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = ddp_model(**inputs)
+            loss = out["loss"]
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_in_epoch += 1
+            loss_value = float(loss.detach())
+            history.append(loss_value)
+            frames_window += int(batch.mel_lengths.sum()) * world
+            if step_callback is not None:
+                step_callback(step, model)
+            if is_main and (step % tc.log_every == 0 or step == tc.max_steps):
+                now = time.time()
+                fps = frames_window / max(now - t_window, 1e-9)
+                frames_window, t_window = 0, now
+                bar.set_postfix(loss=f"{loss_value:.3f}", ctc=f"{float(out['ctc_loss'].detach()):.3f}",
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}", fps=f"{fps:.0f}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/att_loss", float(out["att_loss"].detach()), step)
+                    writer.add_scalar("train/ctc_loss", float(out["ctc_loss"].detach()), step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("train/frames_per_s", fps, step)
+                    if grad_norm is not None:
+                        writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            bar.update(1)
+            timed_out = tc.max_minutes > 0 and (time.time() - t_start) > tc.max_minutes * 60
+            if world > 1:
+                # Every rank must stop at the same step, or the collectives would hang.
+                flag = torch.tensor([float(timed_out)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                timed_out = bool(flag.item())
+            stop = step >= tc.max_steps or timed_out
+            if tc.eval_every and (step % tc.eval_every == 0 or stop):
+                if is_main:
+                    metrics = _evaluate_dev(model, tokenizer, datasets["dev"], tc, device)
+                    if not quiet:
+                        tqdm.write(f"step {step}: dev cer {metrics['cer']:.4f} wer {metrics['wer']:.4f} "
+                                   f"({time.time() - t_start:.0f}s)")
+                    if writer is not None:
+                        writer.add_scalar("dev/cer", metrics["cer"], step)
+                        writer.add_scalar("dev/wer", metrics["wer"], step)
+                    if metrics["cer"] < best_cer:
+                        best_cer = metrics["cer"]
+                        save(out_dir / "best.pt", collective=False)
+                if world > 1:
+                    # best_cer lives on rank 0; the others only need to wait for the evaluation.
+                    dist.barrier()
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or stop:
+                save(ckpt_path)
+            if stop:
+                break
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+    bar.close()
+    if writer is not None:
+        writer.close()
+    return {"step": step, "loss_history": history, "best_dev_cer": best_cer, "out_dir": str(out_dir),
+            "minutes": (time.time() - t_start) / 60}
+
+
+def _evaluate_dev(model: Echo, tokenizer: CharTokenizer, dataset: Dataset, tc: TrainConfig, device: torch.device
+                  ) -> dict[str, float]:
+    from echo.evaluate import evaluate_dataset
+
+    limit = min(len(dataset), tc.eval_max_utts) if tc.eval_max_utts else len(dataset)
+    subset = torch.utils.data.Subset(dataset, range(limit))
+    return evaluate_dataset(model, tokenizer, subset, batch_size=tc.eval_batch_size, device=device, progress=False)
+
+
+def _summary_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional: training must not depend on it
+        return None
+    return SummaryWriter(str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m echo train --config CONFIG [--resume] [--set section.key=value ...]``"""
+    p = argparse.ArgumentParser(prog="python -m echo train", description="Train an Echo model.")
+    p.add_argument("--config", required=True, help="YAML or JSON run config")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from OUT_DIR/last.pt (or from the given checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {result['step']} in {result['minutes']:.1f} min; best dev CER {result['best_dev_cer']:.4f}; "
+              f"checkpoints in {result['out_dir']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

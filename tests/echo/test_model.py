@@ -1,0 +1,158 @@
+"""Echo model: shapes, padding invariance, causality, the pitch-off switch, config validation."""
+
+import pytest
+import torch
+
+from echo.model import Echo, EchoConfig, _heads, dense_attention_weights
+
+TINY = {"d_model": 32, "n_heads": 4, "enc_layers": 2, "dec_layers": 2, "ffn_dim": 64, "dropout": 0.0, "backend": "chunked"}
+
+
+def _model(seed: int = 0, **kw) -> Echo:
+    torch.manual_seed(seed)
+    return Echo(EchoConfig(**{**TINY, **kw})).eval()
+
+
+def _batch(lengths=(40, 27, 13), token_lengths=(9, 6, 4), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, t, u = len(lengths), max(lengths), max(token_lengths)
+    mel = torch.randn(b, t, 80, generator=g)
+    f0 = 100 + 150 * torch.rand(b, t, generator=g)
+    f0[:, ::4] = 0  # some unvoiced frames
+    tokens = torch.randint(4, 42, (b, u), generator=g)
+    tokens[:, 0] = 1
+    tf0 = 100 + 150 * torch.rand(b, u, generator=g)
+    for i, (lt, lu) in enumerate(zip(lengths, token_lengths)):
+        mel[i, lt:] = 0
+        f0[i, lt:] = 0
+        tokens[i, lu - 1] = 2
+        tokens[i, lu:] = 0
+        tf0[i, lu:] = 0
+    return mel, torch.tensor(lengths), f0, tokens, torch.tensor(token_lengths), tf0
+
+
+def test_shapes_and_loss():
+    m = _model()
+    mel, ml, f0, tok, tl, tf0 = _batch()
+    enc = m.encode(mel, ml, f0)
+    assert enc.states.shape == (3, 20, 32)
+    assert enc.lengths.tolist() == [20, 14, 7]
+    assert enc.f0.shape == (3, 20)
+    logits, _ = m.decode(tok[:, :-1], tl - 1, enc, tf0[:, :-1])
+    assert logits.shape == (3, 8, 42)
+    out = m.train()(mel, ml, f0, tok, tl, tf0)
+    assert set(out) >= {"loss", "att_loss", "ctc_loss"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.conv1.weight.grad is not None and torch.isfinite(m.conv1.weight.grad).all()
+
+
+@pytest.mark.parametrize("pitch", [True, False])
+def test_padding_does_not_change_outputs(pitch):
+    m = _model(pitch=pitch)
+    mel, ml, f0, tok, tl, tf0 = _batch()
+    with torch.no_grad():
+        enc = m.encode(mel, ml, f0)
+        logits, _ = m.decode(tok[:, :-1], tl - 1, enc, tf0[:, :-1])
+        for i in range(3):
+            lt, lu = int(ml[i]), int(tl[i]) - 1
+            e1 = m.encode(mel[i:i + 1, :lt], ml[i:i + 1], f0[i:i + 1, :lt])
+            torch.testing.assert_close(e1.states[0], enc.states[i, : e1.states.shape[1]], atol=1e-5, rtol=1e-4)
+            l1, _ = m.decode(tok[i:i + 1, :lu], tl[i:i + 1] - 1, e1, tf0[i:i + 1, :lu])
+            torch.testing.assert_close(l1[0], logits[i, :lu], atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_is_causal():
+    m = _model()
+    mel, ml, f0, tok, _tl, tf0 = _batch(lengths=(30,), token_lengths=(10,))
+    with torch.no_grad():
+        enc = m.encode(mel, ml, f0)
+        base, _ = m.decode(tok, None, enc, tf0)
+        tok2, tf02 = tok.clone(), tf0.clone()
+        tok2[:, 6:] = torch.randint(4, 42, (1, 4))
+        tf02[:, 6:] = 0.0  # future pitch must not leak either (features use utterance statistics)
+        changed, _ = m.decode(tok2, None, enc, tf02)
+    torch.testing.assert_close(changed[:, :6], base[:, :6], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(changed[:, 6:], base[:, 6:])
+
+
+def test_pitch_off_ignores_f0():
+    m = _model(pitch=False)
+    mel, ml, f0, tok, tl, tf0 = _batch()
+    with torch.no_grad():
+        a = m(mel, ml, f0, tok, tl, tf0)["loss"]
+        b = m(mel, ml, 2.5 * f0 + 30 * (f0 == 0), tok, tl, torch.rand_like(tf0) * 300)["loss"]
+        c = m(mel, ml, None, tok, tl, None)["loss"]
+    assert torch.equal(a, b) and torch.equal(a, c)
+    for block in m.encoder:
+        assert block.attn.bias is None and block.attn.theta_mode == "fixed" and block.attn.radius_mode == "unit"
+
+
+def test_pitch_on_uses_f0():
+    m = _model()
+    mel, ml, f0, tok, tl, tf0 = _batch()
+    with torch.no_grad():
+        a = m(mel, ml, f0, tok, tl, tf0)["loss"]
+        b = m(mel, ml, 1.5 * f0, tok, tl, tf0)["loss"]
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="f0"):
+        m.encode(mel, ml, None)
+
+
+def test_dense_weights_match_the_layer():
+    """The display formula reproduces the kernel's attention (weights @ V == layer output)."""
+    m = _model()
+    attn = m.encoder[0].attn
+    x = torch.randn(2, 11, 32)
+    f0 = 100 + 100 * torch.rand(2, 11)
+    f0[:, ::3] = 0
+    lengths = torch.tensor([11, 7])
+    with torch.no_grad():
+        out = attn(x, f0, lengths=lengths)
+        q, k, v = _heads(attn.q_proj(x), 4), _heads(attn.k_proj(x), 4), _heads(attn.v_proj(x), 4)
+        feats = attn.features(f0, 2, 11, lengths, torch.float32, x.device)
+        w = dense_attention_weights(attn, q, k, feats, feats, q_lengths=lengths, k_lengths=lengths)
+        ref = attn.out_proj((w @ v).transpose(1, 2).reshape(2, 11, 32))
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1, :7], ref[1, :7], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w[1, :, :7].sum(-1), torch.ones(4, 7))
+
+
+def test_encoder_attention_maps():
+    m = _model()
+    maps = m.encoder_attention_maps(torch.randn(25, 80), 120 + 10 * torch.rand(25))
+    assert len(maps) == 2 and maps[0].shape == (4, 13, 13)
+    assert abs(maps[1].sum(-1) - 1).max() < 1e-4
+
+
+@pytest.mark.parametrize("bad", [
+    {"d_model": 30}, {"n_heads": 3}, {"theta_mode": "log"}, {"radius_mode": "x"}, {"bias": "l2"},
+    {"ctc_weight": 1.0}, {"decoder_f0": "token"}, {"enc_layers": 0}, {"n_kv_heads": 3},
+])
+def test_bad_config_raises(bad):
+    with pytest.raises(ValueError):
+        EchoConfig(**{**TINY, **bad})
+
+
+def test_unknown_config_key_raises():
+    with pytest.raises(ValueError, match="unknown"):
+        EchoConfig.from_dict({"d_modle": 64})
+    with pytest.raises(TypeError):
+        Echo({"d_model": 64})
+
+
+def test_plain_cross_attention_fast_path_matches_rope_attention():
+    """Cross-attention goes through SDPA (no rotation/radius/bias); it must equal the kernel's result."""
+    from echo.model import attend, plain_features, project_kv
+
+    m = _model(n_kv_heads=2)
+    attn = m.decoder[0].cross_attn
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
+    ql, kl = torch.tensor([5, 3]), torch.tensor([9, 4])
+    with torch.no_grad():
+        ref = attn(x, context=ctx, lengths=ql, context_lengths=kl)
+        k, v = project_kv(attn, ctx)
+        fast = attend(attn, x, k, v, plain_features(2, 5, 1e4, x.device), plain_features(2, 9, 1e4, x.device),
+                      causal=False, q_lengths=ql, k_lengths=kl)
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast[1, :3], ref[1, :3], atol=1e-5, rtol=1e-4)

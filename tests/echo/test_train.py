@@ -1,0 +1,144 @@
+"""Training: loss goes down, atomic checkpoints, exact resume, config errors, 2-process gloo DDP."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+import echo.train as tr
+from echo.train import DistributedBucketSampler, atomic_save, config_from_dict, load_config, train
+
+
+def _cfg(tmp_path, **train_kw):
+    return config_from_dict({
+        "model": {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ffn_dim": 64,
+                  "dropout": 0.1, "backend": "chunked"},
+        "train": {"out_dir": str(tmp_path / "run"), "batch_size": 8, "lr": 3e-3, "warmup_steps": 4,
+                  "max_steps": 8, "eval_every": 0, "ckpt_every": 0, "log_every": 4, "threads": 1, **train_kw},
+        "data": {"synthetic": True, "synthetic_size": 32},
+    })
+
+
+def test_training_reduces_loss(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=40, warmup_steps=5, eval_every=40, eval_max_utts=4)
+    cfg.model.dropout = 0.0
+    result = train(cfg, quiet=True)
+    hist = result["loss_history"]
+    assert len(hist) == 40
+    assert sum(hist[-5:]) / 5 < 0.7 * sum(hist[:5]) / 5
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck" / "last.pt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    ck = torch.load(path, weights_only=False)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_resume_is_exact(tmp_path):
+    straight = train(_cfg(tmp_path / "a"), quiet=True)  # 8 steps = 2 epochs of 4 batches
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_5(step, model):
+        if step == 5:
+            raise Crash
+
+    cfg_b = _cfg(tmp_path / "b", ckpt_every=2)
+    with pytest.raises(Crash):
+        train(cfg_b, step_callback=crash_at_5, quiet=True)
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 4
+    resumed = train(cfg_b, resume=True, quiet=True)
+    assert resumed["loss_history"] == straight["loss_history"][4:]
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    durations = [float(i % 7) for i in range(50)]
+    s0 = DistributedBucketSampler(durations, 4, num_replicas=2, rank=0, seed=3)
+    s1 = DistributedBucketSampler(durations, 4, num_replicas=2, rank=1, seed=3)
+    s0.set_epoch(1)
+    s1.set_epoch(1)
+    b0, b1 = s0.batches(), s1.batches()
+    assert len(b0) == len(b1) == 6
+    flat = [i for b in b0 + b1 for i in b]
+    assert len(flat) == len(set(flat))
+    again = DistributedBucketSampler(durations, 4, num_replicas=2, rank=0, seed=3)
+    again.set_epoch(1)
+    assert again.batches() == b0
+    again.set_epoch(2)
+    assert again.batches() != b0
+
+
+def test_bad_config_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        config_from_dict({"train": {"lr_max": 1.0}})
+    with pytest.raises(ValueError, match="sections"):
+        config_from_dict({"optim": {}})
+    with pytest.raises(ValueError):
+        config_from_dict({"train": {"batch_size": 0}})
+    with pytest.raises(TypeError):
+        config_from_dict({"model": [1, 2]})
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model:\n  d_model: 64\ntrain:\n  lr: 0.001\n")
+    cfg = load_config(cfg_file, ["train.max_steps=7", "model.bias=null"])
+    assert cfg.model.d_model == 64 and cfg.train.max_steps == 7 and cfg.model.bias is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = _cfg(__import__("pathlib").Path(tmp), max_steps=3, ckpt_every=3)
+    cfg.train.device = "cpu"
+    checks = []
+
+    def same_weights(step, model):
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        checks.append(all(torch.equal(gathered[0], g) for g in gathered))
+
+    train(cfg, step_callback=same_weights, quiet=True)
+    torch.save({"checks": checks}, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo_keep_identical_weights(tmp_path):
+    port = _free_port()
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        checks = torch.load(tmp_path / f"rank{rank}.pt")["checks"]
+        assert checks == [True, True, True]
+    # Only rank 0 writes: one run folder with one checkpoint.
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ck["step"] == 3 and len(ck["rng"]) == 2
+
+
+def test_sampler_module_is_a_distributed_sampler():
+    assert issubclass(tr.DistributedBucketSampler, torch.utils.data.DistributedSampler)
