@@ -54,8 +54,10 @@ lint: $(DEPS_STAMP)
 test: setup build lint
 	$(PY) -m pytest tests benchmarks -q
 
+# Kernels against the golden, then the main job: corpus, a few minutes of Echo training, WER/CER.
 demo: setup build
 	$(PY) -m echo_kernels.demo
+	$(PY) -m echo demo --out runs/demo --minutes $${DEMO_MINUTES:-10}
 
 bench: setup build
 	$(PY) -m pytest benchmarks --benchmark -q
