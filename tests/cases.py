@@ -9,7 +9,7 @@ same-precision reference's error, plus ``atol``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,6 @@ class Case:
     radius_mode: str = "f0"
     empty_row: bool = False  # one batch entry with k_length 0: every row fully masked
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def random_f0(batch: int, length: int, voiced_fraction: float, gen: torch.Generator) -> torch.Tensor:
