@@ -1,7 +1,6 @@
 """``python -m benchmarks.memory JSON``: peak RSS growth (bytes) of one benchmark call, in its own process."""
 
 import json
-import resource
 import sys
 
 import torch
@@ -16,15 +15,24 @@ def main() -> None:
     dtype = getattr(torch, spec["dtype"].replace("torch.", ""))
     inp = make_inputs(shape, dtype, requires_grad=spec["backward"])
     attention = method_fn(spec["method"], inp)
-    # ru_maxrss is the peak so far (KiB): what the inputs cost is the baseline.
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The peak so far covers imports and inputs: that is the baseline.
+    before = peak_rss_bytes()
     if spec["backward"]:
         attention().sum().backward()
     else:
         with torch.no_grad():
             attention()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)
+    print(peak_rss_bytes() - before)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent across fork + exec, so a child of a large pytest process would start at its peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak memory is measured on Linux only)")
 
 
 if __name__ == "__main__":
