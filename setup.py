@@ -60,8 +60,12 @@ def cpu_extension():
 
 
 def cuda_extension():
-    # Without a GPU to query, torch would compile for no architecture: default to Ampere + Hopper.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # With a GPU, torch compiles for that GPU's architecture alone; without one to query
+    # (CI) it would guess, so name the supported ones: Ampere + Hopper.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return cpp_extension.CUDAExtension(
         "echo_kernels._C_cuda",
         sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),

@@ -1,28 +1,64 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: build the extensions, run the GPU tests and the full benchmark,
-# and leave everything in one folder of 8 files:
-#   env.txt build.log tests.log bench.log bench.json bench.md bench-time.png bench-memory.png
-# Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]   (default benchmarks/results/gpu-<date>)
-# Uses the machine's python3 as it is (no installs): torch, triton, pytest, pytest-benchmark.
+# One run on a GPU machine, inside a time budget: build the extensions, run the GPU tests
+# (with compute-sanitizer memcheck and racecheck on a tiny case beside them), then the
+# benchmark until the budget is spent. Leaves 7 files in one folder:
+#   env.txt build.log tests.log sanitizer.log bench.log bench-fwd.json bench-fwdbwd.json
+# and, where matplotlib exists, bench.md and the plots (``python -m benchmarks.report`` redraws them anywhere).
+# Usage: bash benchmarks/gpu_suite.sh [OUT_DIR] [SECONDS]   (defaults: benchmarks/results/gpu-<date>, 1800)
+# Uses the machine's python3 as it is (no installs): torch, triton, pytest, pytest-xdist, pytest-benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
+BUDGET=${2:-1800}
+END=$(( $(date +%s) + BUDGET ))
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+left() { echo $(( END - $(date +%s) )); }
 
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvcc --version | tail -n 2
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git log -1 --format='commit %h %s' 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 
-# In-place build: no pip or registry needed on the GPU machine.
-MAX_JOBS=${MAX_JOBS:-16} ECHO_KERNELS_CUDA=1 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+# In-place build for this GPU's architecture only; no pip or registry needed.
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} ECHO_KERNELS_CUDA=1 timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || echo "build failed: see $OUT/build.log (the Triton backend still runs)"
+echo "build: $(( $(date +%s) - start )) s"
 
-$PY -m pytest tests/test_triton.py tests/test_cuda.py tests/test_reference.py -q -rs > "$OUT/tests.log" 2>&1
-echo "tests: $(tail -n 1 "$OUT/tests.log")"
+# The sanitizers watch one tiny case in their own processes while the suite runs.
+(
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool"
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY -m pytest tests/test_cuda.py -k tiny_case_for_compute_sanitizer -q -p no:cacheprovider 2>&1 | tail -n 25
+    echo "exit: ${PIPESTATUS[0]}"
+  done
+) > "$OUT/sanitizer.log" 2>&1 &
+sanitizer=$!
 
-$PY -m pytest benchmarks --benchmark --benchmark-json "$OUT/bench.json" -q -rs > "$OUT/bench.log" 2>&1
-echo "benchmark: $(tail -n 1 "$OUT/bench.log")"
-$PY -m benchmarks.report "$OUT/bench.json" > /dev/null 2>> "$OUT/bench.log" && echo "table: $OUT/bench.md"
+start=$(date +%s)
+timeout 300 $PY -m pytest -n 8 tests/test_cuda.py tests/test_triton.py tests/test_reference.py -q -rs \
+  -p no:cacheprovider > "$OUT/tests.log" 2>&1
+echo "tests ($(( $(date +%s) - start )) s): $(tail -n 1 "$OUT/tests.log")"
+wait $sanitizer
+grep -h "ERROR SUMMARY\|exit:" "$OUT/sanitizer.log" | tr '\n' ' '; echo
+
+# The benchmark gets what is left, split between forward and forward+backward; a case
+# that starts before its deadline finishes, so keep 60 s in reserve.
+METHODS=${ECHO_BENCH_METHODS:-cuda,triton,sdpa,sdpa_rope_bias}
+half=$(( ( $(left) - 60 ) / 2 ))
+for mode in fwd fwdbwd; do
+  test=test_forward; [ $mode = fwdbwd ] && test=test_forward_backward
+  deadline=$(( $(date +%s) + half ))
+  ECHO_BENCH_METHODS=$METHODS ECHO_BENCH_DEADLINE=$deadline timeout $(( half + 120 )) \
+    $PY -m pytest "benchmarks/test_attention.py::$test" --benchmark -q -rs -p no:cacheprovider \
+    --benchmark-json "$OUT/bench-$mode.json" >> "$OUT/bench.log" 2>&1
+  echo "benchmark $mode: $(tail -n 1 "$OUT/bench.log")"
+done
+$PY -m benchmarks.report "$OUT"/bench-fwd.json "$OUT"/bench-fwdbwd.json --out "$OUT/bench" > /dev/null \
+  2>> "$OUT/bench.log" && echo "table: $OUT/bench.md"

@@ -1,9 +1,11 @@
-"""``python -m benchmarks.report RESULTS.json``: a markdown table of ratios and two plots.
+"""``python -m benchmarks.report RESULTS.json [MORE.json ...] [--out STEM]``: a table of ratios and two plots.
 
 Prints, per case and mode, each method's mean time and its ratio to plain SDPA (no
 rotation, no bias), and writes ``<results>-time.png`` (time vs T per method, for the
 sweep) and ``<results>-memory.png`` (peak memory vs T) beside the JSON, plus
-``<results>.md`` holding the table with the device and versions it came from.
+``<results>.md`` holding the table with the device and versions it came from. Several
+JSON files (say a forward run and a forward+backward run) make one table; ``--out``
+names the stem (default: the first file's).
 """
 
 from __future__ import annotations
@@ -88,15 +90,22 @@ def plot(rows: list[dict], key: str, ylabel: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, help="stem of the .md and .png files (default: the first JSON's)")
     args = parser.parse_args()
-    rows, machine = load(args.results)
+    rows, machine = [], {}
+    for path in args.results:
+        if not path.exists():  # a run whose time budget was spent before its first case writes none
+            print(f"{path}: missing, skipped")
+            continue
+        more, machine = load(path)
+        rows += more
     if not rows:
-        raise SystemExit(f"{args.results}: no echo_kernels benchmark rows")
-    date = json.loads(args.results.read_text()).get("datetime", "")[:10]
+        raise SystemExit(f"{', '.join(map(str, args.results))}: no echo_kernels benchmark rows")
+    date = json.loads(next(p for p in args.results if p.exists()).read_text()).get("datetime", "")[:10]
     text = header(rows, machine, date) + "\n\n" + table(rows) + "\n"
     print(text)
-    stem = args.results.with_suffix("")
+    stem = args.out or args.results[0].with_suffix("")
     Path(f"{stem}.md").write_text(text)
     plot(rows, "mean_ms", "time (ms)", Path(f"{stem}-time.png"))
     plot(rows, "peak_bytes", "peak extra memory (MiB)", Path(f"{stem}-memory.png"))

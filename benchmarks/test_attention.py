@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,7 +24,9 @@ from .baselines import BASELINES
 from .shapes import Shape, dense_bytes, device, full_mode, make_inputs, shapes
 
 OURS = ("reference", "chunked", "cpu", "triton", "cuda")
-METHODS = OURS + tuple(BASELINES)
+# ECHO_BENCH_METHODS=cuda,triton,sdpa restricts a run (a GPU lease is short).
+METHODS = tuple(m for m in OURS + tuple(BASELINES)
+                if m in os.environ.get("ECHO_BENCH_METHODS", ",".join(OURS + tuple(BASELINES))).split(","))
 DENSE = ("reference", "upstream", "sdpa_rope_bias")
 DENSE_BUDGET = (40 if device() == "cuda" else 8) * 2**30
 
@@ -37,6 +41,9 @@ def method_fn(method: str, inp):
 
 def skip_reason(method: str, shape: Shape, dtype: torch.dtype) -> str | None:
     dev = device()
+    deadline = float(os.environ.get("ECHO_BENCH_DEADLINE", "inf"))  # a Unix time
+    if time.time() > deadline:
+        return "the run's time budget (ECHO_BENCH_DEADLINE) is spent"
     if method in OURS and method != "reference":
         reason = unavailable_reason(method)
         if reason:
@@ -107,13 +114,15 @@ def run_case(benchmark, method: str, shape: Shape, backward: bool):
     benchmark.group = f"{shape.label} {info['mode']}"
 
 
-@pytest.mark.parametrize("shape", shapes(), ids=lambda s: s.label)
+# Shape-major order: every method of a shape runs back to back (fair, and a run cut
+# short keeps whole rows of the table).
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", shapes(), ids=lambda s: s.label)
 def test_forward(benchmark, method, shape):
     run_case(benchmark, method, shape, backward=False)
 
 
-@pytest.mark.parametrize("shape", shapes(), ids=lambda s: s.label)
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", shapes(), ids=lambda s: s.label)
 def test_forward_backward(benchmark, method, shape):
     run_case(benchmark, method, shape, backward=True)
