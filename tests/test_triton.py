@@ -153,9 +153,9 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_unsupported_inputs_are_named():
-    q = torch.zeros(1, 1, 4, 32, dtype=torch.float64)
+    q = torch.zeros(1, 1, 4, 32, dtype=torch.float64, device=DEVICE)
     assert "float64" in triton_backend.unsupported_reason(q, q, q, 1, False)
-    q48 = torch.zeros(1, 1, 4, 48)
+    q48 = torch.zeros(1, 1, 4, 48, device=DEVICE)
     assert "D=48" in triton_backend.unsupported_reason(q48, q48, q48, 1, False)
     if not CUDA:
         qb = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)

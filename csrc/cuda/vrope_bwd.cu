@@ -275,10 +275,15 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
 
   AccumulatorRow<D> dq_acc;  // sum over keys of dS k~ (times scale in the epilogue)
   zero_accumulators<D>(dq_acc);
-  // This lane's shares of the row's pitch, alpha and beta gradients.
+  // This lane's shares of the row's pitch, alpha and beta gradients, and of the sums
+  // sum_j p f (the same three factors) and sum_j p dp that correct them for delta's rounding.
   float dpitch_i = 0.0f;
   float dalpha_i = 0.0f;
   float dbeta_i = 0.0f;
+  float p_pitch = 0.0f;
+  float p_alpha = 0.0f;
+  float p_beta = 0.0f;
+  float p_dp = 0.0f;
 
   const int key_end = key_end_for_query_tile(q0, lq, lk, p.causal);
   for (int k0 = 0; k0 < key_end; k0 += kTile) {
@@ -305,12 +310,17 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
         float x = scores[my_row * kScoreLd + col] * qk_scale;
         if (bias.kind != kBiasNone) x += pitch_bias(bias, pitch_i, voiced_i, pitch_k[col], voiced_k[col]) * kLog2e;
         const float prob = exp2f(x - lse2_i);
-        ds = prob * (dp[my_row * kScoreLd + col] - delta_i);
+        const float dp_ij = dp[my_row * kScoreLd + col];
+        ds = prob * (dp_ij - delta_i);
         if (bias.kind != kBiasNone) {
           const BiasGrad g = pitch_bias_grad(bias, pitch_i, voiced_i, pitch_k[col], voiced_k[col]);
           dalpha_i += ds * g.alpha_factor;
           dbeta_i += ds * g.beta_factor;
           dpitch_i += ds * g.pair_factor;
+          p_alpha += prob * g.alpha_factor;
+          p_beta += prob * g.beta_factor;
+          p_pitch += prob * g.pair_factor;
+          p_dp += prob * dp_ij;
         }
       }
       ds_tile[my_row * kProbLd + col] = E::from_float(ds);
@@ -330,6 +340,16 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   dpitch_i = pair_sum(dpitch_i);
   dalpha_i = pair_sum(dalpha_i);
   dbeta_i = pair_sum(dbeta_i);
+  if (bias.kind != kBiasNone) {
+    // sum_j ds_ij = 0 in exact arithmetic, so these row sums, which add up over every row
+    // of the batch into dalpha and dbeta, amplify any error of delta, and delta comes from
+    // the output rounded to fp16/bf16. sum_j p dp is the float32 value autograd uses; ds
+    // with it is ds + p (delta - sum_j p dp).
+    const float correction = delta_i - pair_sum(p_dp);
+    dalpha_i += correction * pair_sum(p_alpha);
+    dbeta_i += correction * pair_sum(p_beta);
+    dpitch_i += correction * pair_sum(p_pitch);
+  }
   if (lane % 2 == 0 && i < p.tq) {
     p.dpitch_q[row_base + i] = dpitch_i;
     p.dalpha_rows[row_base + i] = dalpha_i;
