@@ -193,6 +193,20 @@ def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, sc
     return out.to(q.dtype), lse
 
 
+def _delta_from_probabilities(score_args, mask_args, lse_safe, do, vx) -> Tensor:
+    """``delta_i = sum_j P_ij dP_ij`` in the stat dtype, one extra pass over the key blocks.
+
+    ``rowsum(dO * O)`` equals it in exact arithmetic, but O is stored rounded to
+    fp16/bf16. Every row of dS sums to 0, so the gradients that sum dS over all pairs
+    (alpha, beta, pitch) would add up that rounding over every row of the batch.
+    """
+    delta = torch.zeros_like(lse_safe)
+    for sl in _key_blocks(vx.shape[2]):
+        p = torch.exp(_scores(*score_args, sl, *mask_args) - lse_safe[..., None])
+        delta += (p * (do @ vx[:, :, sl].transpose(-1, -2))).sum(dim=-1)
+    return delta
+
+
 def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale) -> Grads:
     """Gradients of every differentiable input (see ``Grads``), in stat dtype except dq/dk/dv."""
     groups = q.shape[1] // k.shape[1]
@@ -202,9 +216,14 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
     ks = rk.split.repeat_interleave(groups, dim=1)
     vx = v.to(stat).repeat_interleave(groups, dim=1)
     do = dout.to(stat)
-    delta = (do * out.to(stat)).sum(dim=-1)
     # exp(s - (+inf)) = 0 keeps empty rows (lse = -inf) out of every gradient.
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+    score_args = (qs, ks, fq, fk)
+    mask_args = (alpha, beta, bias, causal, q_lengths, k_lengths, scale)
+    if out.dtype.itemsize < torch.empty((), dtype=stat).itemsize:
+        delta = _delta_from_probabilities(score_args, mask_args, lse_safe, do, vx)
+    else:
+        delta = (do * out.to(stat)).sum(dim=-1)
     dqs = torch.zeros_like(qs)
     dks = torch.zeros_like(ks)
     dvx = torch.zeros_like(vx)
@@ -213,7 +232,7 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
     dpitch_q = torch.zeros_like(fq.pitch)
     dpitch_k = torch.zeros_like(fk.pitch)
     for sl in _key_blocks(k.shape[2]):
-        s = _scores(qs, ks, fq, fk, sl, alpha, beta, bias, causal, q_lengths, k_lengths, scale)
+        s = _scores(*score_args, sl, *mask_args)
         p = torch.exp(s - lse_safe[..., None])
         dvx[:, :, sl] = p.transpose(-1, -2) @ do
         ds = p * (do @ vx[:, :, sl].transpose(-1, -2) - delta[..., None])

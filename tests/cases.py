@@ -104,13 +104,27 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
+# A gradient with this few elements (alpha [H], beta []) is one sum over every (i, j)
+# pair of the batch; its max error is a single draw, and the reference's draw can land
+# near 0 by chance (measured: 3.5e-5 for one seed, 4.7e-4 and 9.8e-4 for the next two).
+FEW = 16
+
+
 def assert_close_to_golden(fused: dict, reference: dict, golden: dict, factor: float = 2.0,
-                           grad_factor: float = 3.0, atol: float = 1e-5) -> None:
-    """FlashAttention's rule on the output and every gradient present in ``fused``."""
+                           grad_factor: float = 3.0, atol: float = 1e-5, dtype: torch.dtype | None = None) -> None:
+    """FlashAttention's rule on the output and every gradient present in ``fused``.
+
+    For the few-element gradients the reference's error is floored at one unit roundoff
+    of ``dtype`` (the inputs' precision) times the gradient's magnitude.
+    """
     for name, value in fused.items():
         assert torch.isfinite(value).all(), f"{name}: non-finite values"
         f = factor if name == "out" else grad_factor
+        scale = golden[name].abs().max().item() if golden[name].numel() else 0.0
+        yardstick = max_err(reference[name], golden[name])
+        if dtype is not None and value.numel() <= FEW and name != "out":
+            yardstick = max(yardstick, torch.finfo(dtype).eps / 2 * scale)
         # Gradients of sums over many tokens grow with their size: scale atol by the magnitude.
-        tol = f * max_err(reference[name], golden[name]) + atol * max(1.0, golden[name].abs().max().item())
+        tol = f * yardstick + atol * max(1.0, scale)
         err = max_err(value, golden[name])
         assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (reference error x{f} + atol)"

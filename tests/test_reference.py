@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import echo_kernels as ek
-from cases import Case, make_case, max_err, run
+from cases import Case, assert_close_to_golden, make_case, max_err, run
 
 BACKENDS = ("reference", "chunked")
 
@@ -51,6 +51,16 @@ def test_chunked_equals_dense_in_float64(bias, causal, theta_mode):
     dense, chunked = run(case, inputs, "reference"), run(case, inputs, "chunked")
     for name in dense:
         assert max_err(dense[name], chunked[name]) <= 1e-12 * max(1.0, dense[name].abs().max().item()), name
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_float16_follows_the_flash_rule(seed):
+    """In half precision the scalar gradients (alpha, beta) sum dS over every pair: delta must
+    come from P dP in float32, not from the rounded output (else their error is ~10x the reference's)."""
+    case = Case(dim=64, seed=seed)
+    inputs = make_case(case, torch.float16)
+    golden = run(case, inputs, "reference", torch.float64)
+    assert_close_to_golden(run(case, inputs, "chunked"), run(case, inputs, "reference"), golden, dtype=torch.float16)
 
 
 def test_unvoiced_and_empty_rows_are_exact_zeros():

@@ -49,7 +49,7 @@ def check(case: Case, dtype: torch.dtype, ties: bool = False) -> dict:
     fused = run(case, inputs, "triton")
     golden = run(case, inputs, "reference", torch.float64)
     reference = run(case, inputs, "reference")
-    assert_close_to_golden(fused, reference, golden)
+    assert_close_to_golden(fused, reference, golden, dtype=dtype)
     return fused
 
 
