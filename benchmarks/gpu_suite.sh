@@ -21,7 +21,6 @@ left() { echo $(( END - $(date +%s) )); }
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   nvcc --version | tail -n 2
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git log -1 --format='commit %h %s' 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 
 # In-place build for this GPU's architecture only; no pip or registry needed.
