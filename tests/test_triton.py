@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import echo_kernels as ek
-from cases import Case, assert_close_to_golden, make_case, run
+from cases import Case, check_backend, make_case, run
 from echo_kernels import dispatch
 from echo_kernels import triton as triton_backend
 from echo_kernels.buffers import output_buffer
@@ -34,23 +34,8 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setenv("ECHO_KERNELS_POISON", "1")
 
 
-def constant_pitch(inputs: dict) -> dict:
-    """Every voiced frame at 150 Hz: pitch is 0 everywhere, so |dp| = 0 for every pair (ties)."""
-    for side in ("f0q", "f0k"):
-        inputs[side] = torch.where(inputs[side] > 0, torch.full_like(inputs[side], 150.0), inputs[side])
-    return inputs
-
-
 def check(case: Case, dtype: torch.dtype, ties: bool = False) -> dict:
-    """Run triton, the same-precision reference and the float64 golden; assert the rule; return triton's result."""
-    inputs = make_case(case, dtype, DEVICE)
-    if ties:
-        inputs = constant_pitch(inputs)
-    fused = run(case, inputs, "triton")
-    golden = run(case, inputs, "reference", torch.float64)
-    reference = run(case, inputs, "reference")
-    assert_close_to_golden(fused, reference, golden, dtype=dtype)
-    return fused
+    return check_backend("triton", case, dtype, DEVICE, ties)
 
 
 # (id, case, dtype): the interpreter set (~5-10 s each on 2 CPU cores).
