@@ -1,5 +1,6 @@
-"""Autoregressive decoding for :class:`echo.model.Echo`: greedy and beam search with a key/value cache,
-plus a cache-free greedy reference (used by tests to prove the cache exact) and ``transcribe``.
+"""Decoding for :class:`echo.model.Echo`: autoregressive greedy and beam search with a key/value
+cache, a cache-free greedy reference (used by tests to prove the cache exact), greedy CTC on the
+encoder's CTC head, and ``transcribe``.
 
 Shapes: B batch, T mel frames, T' encoder frames, V vocabulary.
 """
@@ -139,16 +140,41 @@ def beam_search(
     return results
 
 
+def ctc_greedy_decode(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None) -> list[list[int]]:
+    """Best path of the encoder's CTC head: per-frame argmax, repeats merged, blanks (the pad id) dropped."""
+    if model.ctc_head is None:
+        raise ValueError("decoder='ctc' needs a model trained with a CTC head (model.ctc_weight > 0)")
+    enc = model.encode(mel, mel_lengths, f0 if model.cfg.pitch else None)
+    best = model.ctc_head(enc.states).argmax(-1)
+    result = []
+    for path, length in zip(best.tolist(), enc.lengths.tolist()):
+        ids, previous = [], None
+        for token in path[:length]:
+            if token != previous and token != model.cfg.pad_id:
+                ids.append(token)
+            previous = token
+        result.append(ids)
+    return result
+
+
+DECODERS = ("attention", "ctc")
+
+
 def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 1,
-                 max_len: int | None = None) -> list[list[int]]:
-    """Greedy (``beam == 1``) or beam-search token ids for a padded batch."""
+                 max_len: int | None = None, decoder: str = "attention") -> list[list[int]]:
+    """Token ids for a padded batch: the attention decoder, greedy (``beam == 1``) or beam search, or
+    greedy CTC (``decoder="ctc"``, beam ignored)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "ctc":
+        return ctc_greedy_decode(model, mel, mel_lengths, f0)
     if beam == 1:
         return greedy_decode(model, mel, mel_lengths, f0, max_len=max_len)
     return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len)
 
 
-def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu"
-                     ) -> list[str]:
+def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu",
+                     decoder: str = "attention") -> list[str]:
     """Transcripts of audio files with a trained checkpoint (one file at a time, no padding)."""
     from echo.audio import compute_features, load_audio
 
@@ -157,7 +183,7 @@ def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: i
     for path in paths:
         mel, f0 = compute_features(load_audio(path))
         ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
-                           f0[None].to(device), beam=beam)[0]
+                           f0[None].to(device), beam=beam, decoder=decoder)[0]
         texts.append(tokenizer.decode(ids))
     return texts
 
@@ -167,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m echo transcribe", description="Transcribe audio files.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--beam", type=int, default=1, help="1 = greedy")
+    p.add_argument("--decoder", choices=DECODERS, default="attention", help="ctc: greedy CTC on the encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     for path, text in zip(args.files, transcribe_files(args.checkpoint, args.files, beam=args.beam,
-                                                       device=args.device)):
+                                                       device=args.device, decoder=args.decoder)):
         print(f"{path}\t{text}")
     sys.stdout.flush()
     return 0

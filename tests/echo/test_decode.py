@@ -1,8 +1,9 @@
 """Decoding: the key/value cache is exact, beam 1 is greedy, transcripts come out as text."""
 
+import pytest
 import torch
 
-from echo.decode import beam_search, greedy_decode
+from echo.decode import beam_search, decode_batch, greedy_decode
 from echo.model import Echo, EchoConfig
 
 TINY = {"d_model": 32, "n_heads": 4, "enc_layers": 1, "dec_layers": 2, "ffn_dim": 64, "dropout": 0.0, "backend": "chunked",
@@ -128,3 +129,28 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
     assert len(errors.read_text().splitlines()) == 3
     maps = attention_maps(ckpt, tmp_path / "u1.wav")
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
+
+
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+    m, mel, ml, f0 = _setup(seed=2)
+    blank = m.cfg.pad_id
+    # Frame-wise best path 5 5 blank 5 5 7 blank ... : CTC reads "5 5 7" (a blank separates repeats).
+    path = [5, 5, blank, 5, 5, 7] + [blank] * 30
+    def fixed_logits(states):
+        logits = torch.zeros(*states.shape[:2], m.cfg.vocab_size)
+        for t in range(states.shape[1]):
+            logits[:, t, path[t]] = 1.0
+        return logits
+
+    m.ctc_head.forward = fixed_logits
+    ids = decode_batch(m, mel, ml, f0, decoder="ctc")
+    # Encoder lengths are (T + 1) // 2 = 15, 11 and 5 frames: the third stops before the 7.
+    assert ids == [[5, 5, 7], [5, 5, 7], [5, 5]]
+
+
+def test_unknown_decoder_and_missing_ctc_head_are_refused():
+    m, mel, ml, f0 = _setup(ctc_weight=0.0)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        decode_batch(m, mel, ml, f0, decoder="rnnt")
+    with pytest.raises(ValueError, match="CTC head"):
+        decode_batch(m, mel, ml, f0, decoder="ctc")
