@@ -58,8 +58,6 @@ def skip_reason(method: str, shape: Shape, dtype: torch.dtype) -> str | None:
         return "flex_attention is benchmarked on GPU only (its CPU compile takes minutes)"
     if method in DENSE and dense_bytes(shape) > DENSE_BUDGET:
         return f"materialises [Tq, Tk]: about {dense_bytes(shape) / 2**30:.0f} GiB"
-    if method == "chunked" and dev == "cpu" and full_mode() and shape.tq * shape.tk > 2048**2:
-        return "the chunked fallback takes minutes per call this long on CPU"
     return None
 
 
