@@ -31,6 +31,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# Table columns: greedy attention WER/CER, then greedy CTC CER (models with a CTC head).
+METRICS = ("dev_wer", "dev_cer", "test_wer", "test_cer", "dev_ctc_cer", "test_ctc_cer")
+
+
 def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -68,13 +72,18 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
             ckpt = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
             model, tokenizer = load_model(ckpt)
             row = {"seed": seed, "steps": result["step"], "minutes": (time.time() - t0) / 60}
+            # Greedy attention decoding, and greedy CTC, which reads the encoder alone and becomes
+            # informative earlier in training (short ablation budgets).
+            decoders = ("attention", "ctc") if model.ctc_head is not None else ("attention",)
             for split in ("dev", "test"):
-                m = evaluate_dataset(model, tokenizer, datasets[split], batch_size=cfg.train.eval_batch_size,
-                                     progress=False)
-                row[f"{split}_wer"], row[f"{split}_cer"] = m["wer"], m["cer"]
+                for decoder in decoders:
+                    m = evaluate_dataset(model, tokenizer, datasets[split], batch_size=cfg.train.eval_batch_size,
+                                         progress=False, decoder=decoder)
+                    tag = split if decoder == "attention" else f"{split}_ctc"
+                    row[f"{tag}_wer"], row[f"{tag}_cer"] = m["wer"], m["cer"]
             raw[v].append(row)
             print(f"[{v}] {VARIANTS[v][0]} seed {seed}: " + ", ".join(
-                f"{k} {row[k] * 100:.2f}%" for k in ("dev_wer", "dev_cer", "test_wer", "test_cer")), flush=True)
+                f"{k} {row[k] * 100:.2f}%" for k in METRICS if k in row), flush=True)
     _write_table(raw, base, Path(results_path), config, seeds, {s: len(datasets[s]) for s in ("dev", "test")})
     Path(results_path).with_suffix(".json").write_text(json.dumps(raw, indent=1))
     return raw
@@ -87,18 +96,19 @@ def _write_table(raw: dict[str, list[dict[str, float]]], base: Any, path: Path, 
         "# Pitch-feature ablation",
         "",
         (f"Config `{config}`, {seeds} seed(s) per variant, the same budget for each run "
-        f"(max_steps {base.train.max_steps}, max_minutes {base.train.max_minutes or 'none'}), greedy decoding, "
+        f"(max_steps {base.train.max_steps}, max_minutes {base.train.max_minutes or 'none'}), greedy decoding "
+        f"(the attention decoder; CTC columns: greedy CTC on the encoder), "
         f"best-dev checkpoint, scored on {sizes['dev']} dev / {sizes['test']} test utterances. "
         f"Numbers are mean ± sample std over seeds, in %. Device: {device}."),
         "",
-        "| variant | dev WER | dev CER | test WER | test CER | steps | minutes/run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | dev WER | dev CER | test WER | test CER | dev CER (CTC) | test CER (CTC) | steps | minutes/run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v, rows in raw.items():
         cells = []
-        for key in ("dev_wer", "dev_cer", "test_wer", "test_cer"):
-            vals = [r[key] * 100 for r in rows]
-            cells.append(f"{statistics.mean(vals):.2f} ± {_spread(vals):.2f}")
+        for key in METRICS:
+            vals = [r[key] * 100 for r in rows if key in r]
+            cells.append(f"{statistics.mean(vals):.2f} ± {_spread(vals):.2f}" if vals else "–")
         steps = statistics.mean(r["steps"] for r in rows)
         minutes = statistics.mean(r["minutes"] for r in rows)
         lines.append(f"| ({v}) {VARIANTS[v][0]} | " + " | ".join(cells) + f" | {steps:.0f} | {minutes:.1f} |")
