@@ -25,8 +25,8 @@ from .shapes import Shape, dense_bytes, device, full_mode, make_inputs, shapes
 
 OURS = ("reference", "chunked", "cpu", "triton", "cuda")
 # ECHO_BENCH_METHODS=cuda,triton,sdpa restricts a run (a GPU lease is short).
-METHODS = tuple(m for m in OURS + tuple(BASELINES)
-                if m in os.environ.get("ECHO_BENCH_METHODS", ",".join(OURS + tuple(BASELINES))).split(","))
+_CHOSEN = os.environ.get("ECHO_BENCH_METHODS")
+METHODS = tuple(m for m in OURS + tuple(BASELINES) if _CHOSEN is None or m in _CHOSEN.split(","))
 DENSE = ("reference", "upstream", "sdpa_rope_bias")
 DENSE_BUDGET = (40 if device() == "cuda" else 8) * 2**30
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from echo.data.dataset import Collator
-from echo.decode import decode_batch
+from echo.decode import DECODERS, decode_batch
 from echo.model import Echo, load_model
 from echo.text import CharTokenizer, normalize_text
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--manifest", required=True)
     p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--decoder", choices=("attention", "ctc"), default="attention",
+    p.add_argument("--decoder", choices=DECODERS, default="attention",
                    help="attention: autoregressive decoder (greedy or --beam); ctc: greedy CTC on the encoder")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")

@@ -220,7 +220,7 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     score_args = (qs, ks, fq, fk)
     mask_args = (alpha, beta, bias, causal, q_lengths, k_lengths, scale)
-    if out.dtype.itemsize < torch.empty((), dtype=stat).itemsize:
+    if out.dtype.itemsize < stat.itemsize:
         delta = _delta_from_probabilities(score_args, mask_args, lse_safe, do, vx)
     else:
         delta = (do * out.to(stat)).sum(dim=-1)

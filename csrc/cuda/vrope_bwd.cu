@@ -156,8 +156,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
         float prob = 0.0f;
         float ds = 0.0f;
         if (allowed(i, j, lq, lk, p.causal)) {
-          float x = s_t[my_row * kScoreLd + col] * qk_scale;
-          if (bias.kind != kBiasNone) x += pitch_bias(bias, pitch_q[col], voiced_q[col], pitch_j, voiced_j) * kLog2e;
+          const float x = logit2(s_t[my_row * kScoreLd + col], qk_scale, bias, pitch_q[col], voiced_q[col], pitch_j,
+                                 voiced_j);
           prob = exp2f(x - lse2_q[col]);
           ds = prob * (dp_t[my_row * kScoreLd + col] - delta_q[col]);
           if (bias.kind != kBiasNone) {
@@ -307,8 +307,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
       const int j = k0 + col;
       float ds = 0.0f;
       if (allowed(i, j, lq, lk, p.causal)) {
-        float x = scores[my_row * kScoreLd + col] * qk_scale;
-        if (bias.kind != kBiasNone) x += pitch_bias(bias, pitch_i, voiced_i, pitch_k[col], voiced_k[col]) * kLog2e;
+        const float x = logit2(scores[my_row * kScoreLd + col], qk_scale, bias, pitch_i, voiced_i, pitch_k[col],
+                               voiced_k[col]);
         const float prob = exp2f(x - lse2_i);
         const float dp_ij = dp[my_row * kScoreLd + col];
         ds = prob * (dp_ij - delta_i);

@@ -241,6 +241,16 @@ __device__ __forceinline__ float pitch_bias(const BiasArgs& b, float pitch_q, fl
   return 0.0f;
 }
 
+// The log2-domain logit of one allowed pair: score * scale * log2(e) + bias * log2(e). The
+// forward and both backward kernels call this one function, so the backward's recomputed
+// P = exp2(logit - lse2) uses bit for bit the logits the forward normalised.
+__device__ __forceinline__ float logit2(float score, float qk_scale, const BiasArgs& b, float pitch_q, float voiced_q,
+                                        float pitch_k, float voiced_k) {
+  float x = score * qk_scale;
+  if (b.kind != kBiasNone) x += pitch_bias(b, pitch_q, voiced_q, pitch_k, voiced_k) * kLog2e;
+  return x;
+}
+
 // The bias gradient per unit of ds = dL/ds_ij (as chunked.bias_block_grads): summed over the
 // other side, ds * alpha_factor, ds * beta_factor and ds * pair_factor are the shares of
 // dalpha_h, dbeta and dpitch_i; -ds * pair_factor is the share of dpitch_j. d|x|/dx at 0 is 0.

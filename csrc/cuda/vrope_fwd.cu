@@ -100,8 +100,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_kernel(const Params p)
       const int j = k0 + col;
       float x = -kInf;
       if (allowed(i, j, lq, lk, p.causal)) {
-        x = scores[my_row * kScoreLd + col] * qk_scale;
-        if (bias.kind != kBiasNone) x += pitch_bias(bias, pitch_i, voiced_i, pitch_k[col], voiced_k[col]) * kLog2e;
+        x = logit2(scores[my_row * kScoreLd + col], qk_scale, bias, pitch_i, voiced_i, pitch_k[col], voiced_k[col]);
       }
       s[c] = x;
       tile_max = fmaxf(tile_max, x);
