@@ -1,8 +1,10 @@
 """Fused Triton backend: flash-style vRoPE attention forward and deterministic backward.
 
-The kernels live in ``forward_kernel.py`` (one flash kernel) and ``backward_kernels.py`` (delta, dK/dV,
-dQ), built from the shared pieces of ``common.py``; this module checks what the backend
-can serve, allocates outputs, launches, and reduces the backward's per-head partials.
+The kernels live in ``forward_kernel.py`` (the rotation and one flash kernel) and
+``backward_kernels.py`` (delta, dK/dV, dQ), built from the shared pieces of ``common.py``;
+this module checks what the backend can serve, allocates outputs, launches, and reduces
+the backward's per-head partials. The rotated queries and keys are the only extra
+memory: one tensor like q and one like k, never anything of size ``[Tq, Tk]``.
 
 Supported: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter: slow, for tests); q/k/v float16, bfloat16 (GPU only: the interpreter's
@@ -17,6 +19,7 @@ write it (tests use it to prove every element is written).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,17 +62,30 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, bias: int, causal: bool)
     return None
 
 
-def _features(f) -> list[Tensor]:
-    return [t.to(torch.float32).contiguous() for t in f]
+class _KernelArgs(NamedTuple):
+    """Features, alpha/beta and lengths as the kernels take them (float32 / int32, contiguous)."""
+
+    fq: list[Tensor]  # pos, log_theta, radius, pitch, voiced: [B, Tq] each
+    fk: list[Tensor]  # the same for the keys, [B, Tk]
+    alpha: Tensor  # [H]
+    beta: Tensor  # 0-d
+    q_lengths: Tensor  # [B]
+    k_lengths: Tensor  # [B]
+
+    def flat(self) -> list[Tensor]:
+        """In the order every attention kernel's signature lists them."""
+        return [*self.fq, *self.fk, self.alpha, self.beta, self.q_lengths, self.k_lengths]
 
 
-def _common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths):
-    """Features, alpha/beta and lengths, as the kernels take them (float32 / int32, contiguous)."""
-    return [
-        *_features(fq), *_features(fk),
-        alpha.to(torch.float32).contiguous(), beta.to(torch.float32).reshape(()),
-        q_lengths.to(torch.int32).contiguous(), k_lengths.to(torch.int32).contiguous(),
-    ]
+def _kernel_args(fq, fk, alpha, beta, q_lengths, k_lengths) -> _KernelArgs:
+    def floats(features):
+        return [t.to(torch.float32).contiguous() for t in features]
+
+    def ints(lengths):
+        return lengths.to(torch.int32).contiguous()
+
+    return _KernelArgs(floats(fq), floats(fk), alpha.to(torch.float32).contiguous(),
+                       beta.to(torch.float32).reshape(()), ints(q_lengths), ints(k_lengths))
 
 
 def _meta(q, k, bias, causal):
@@ -90,6 +106,29 @@ def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+
+
+def _rotated(x: Tensor, features: list[Tensor], lengths: Tensor) -> Tensor:
+    """``radius * R(phi) x`` per token, ``[B, heads, T, D]`` in x's dtype; tokens past a length are 0.
+
+    ``features``: ``_KernelArgs.fq`` or ``.fk``; ``lengths`` int32 ``[B]``.
+    """
+    import triton
+
+    from .configs import INTERPRETER_BLOCK
+    from .forward_kernel import rotate_kernel
+
+    # 16 rows per program on a GPU: bigger tiles spill the sine/cosine registers on sm_90.
+    block = INTERPRETER_BLOCK if interpreting() else 16
+    batch, heads, length, dim = x.shape
+    out = output_buffer(x.shape, x)
+    grid = (triton.cdiv(length, block), batch * heads)
+    with _device(x):
+        rotate_kernel[grid](x, out, *features[:3], lengths, heads, length,
+                            HEAD_DIM=dim, BLOCK=block)
+    return out
+
+
 def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale):
     """Returns ``(out [B, H, Tq, D] q.dtype, lse [B, H, Tq] float32, -inf on rows with no allowed key)``."""
     import triton
@@ -106,6 +145,9 @@ def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, sc
     if tk == 0:  # no key anywhere: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
     ints, constexprs = _meta(q, k, bias, causal)
+    args = _kernel_args(fq, fk, alpha, beta, q_lengths, k_lengths)
+    q_rotated = _rotated(q, args.fq, args.q_lengths)
+    k_rotated = _rotated(k, args.fk, args.k_lengths)
 
     # The autotuner re-tunes for every distinct key: bucketing the lengths (next power
     # of two) lets variable-length ASR batches share one tuning.
@@ -116,7 +158,7 @@ def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, sc
 
     with _device(q):
         attention_fwd_kernel[grid](
-            q, k, v, out, lse, *_common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths),
+            q_rotated, k_rotated, v, out, lse, *args.flat(),
             float(scale) * LOG2E.value, *ints, *buckets, **constexprs,
         )
     return out, lse
@@ -140,21 +182,24 @@ def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengt
     dq, dk, dv, q_parts, k_parts = buffers
     if q.numel() and k.numel():
         ints, constexprs = _meta(q, k, bias, causal)
-        common = _common_args(q, k, fq, fk, alpha, beta, q_lengths, k_lengths)
+        args = _kernel_args(fq, fk, alpha, beta, q_lengths, k_lengths)
+        q_rotated = _rotated(q, args.fq, args.q_lengths)
+        k_rotated = _rotated(k, args.fk, args.k_lengths)
         dout = dout.contiguous()
         delta = output_buffer((batch, heads, tq), q, torch.float32)
-        launch = backward_config(dim, q.device)
+        major, minor = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
+        launch = backward_config(dim, 10 * major + minor)
         kv_grid = (triton.cdiv(tk, launch["dkdv"]["BLOCK_N"]), batch * kv_heads)
         q_grid = (triton.cdiv(tq, launch["dq"]["BLOCK_M"]), batch * heads)
         block = 64
         with _device(q):
             delta_kernel[(triton.cdiv(tq, block), batch * heads)](out, dout, delta, tq, HEAD_DIM=dim, BLOCK_M=block)
             dkdv_kernel[kv_grid](
-                q, k, v, dout, lse, delta, dk, dv, *k_parts, *common, float(scale), *ints,
+                q_rotated, k, k_rotated, v, dout, lse, delta, dk, dv, *k_parts, *args.flat(), float(scale), *ints,
                 **constexprs, **launch["dkdv"],
             )
             dq_kernel[q_grid](
-                q, k, v, dout, lse, delta, dq, *q_parts, *common, float(scale), *ints,
+                q, q_rotated, k_rotated, v, dout, lse, delta, dq, *q_parts, *args.flat(), float(scale), *ints,
                 **constexprs, **launch["dq"],
             )
 

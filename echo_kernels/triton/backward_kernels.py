@@ -1,7 +1,7 @@
 """Backward kernels (FlashAttention-2 style, deterministic: no atomics).
 
-Three launches, each program owning disjoint outputs so no two programs ever add into
-the same address:
+Three launches after the rotation (``rotate_kernel`` writes q~ and k~ once), each program
+owning disjoint outputs so no two programs ever add into the same address:
 
 1. ``delta_kernel``: ``delta[b, h, i] = sum_d dO * O`` (float32).
 2. ``dkdv_kernel``: one program per (key tile, batch, kv head), working on key-major
@@ -29,14 +29,14 @@ import triton.language as tl
 from .common import (
     LOG2E,
     allowed_tile,
-    load_halves,
-    pitch_bias,
+    load_rows,
     pitch_bias_grad_factors,
-    rotate,
-    rotation_tables,
+    pitch_bias_log2,
+    pitch_weight,
     row_offsets,
     score_tile,
     store_halves,
+    store_rows,
     unrotate,
 )
 from .forward_kernel import key_loop_end
@@ -68,7 +68,7 @@ def load_row_stats(Lse, Delta, rows, mask):
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta,
+    QR, K, KR, V, DOut, Lse, Delta,
     DK, DV, DLogThetaK, DRadiusK, DPitchK,
     PosQ, LogThetaQ, RadiusQ, PitchQ, VoicedQ,
     PosK, LogThetaK, RadiusK, PitchK, VoicedK,
@@ -80,9 +80,11 @@ def dkdv_kernel(
 ):
     """Grid ``(cdiv(Tk, BLOCK_N), B * Hk)``.
 
-    Writes DK, DV ``[B, Hk, Tk, D]`` (input dtype) and the key-side partials
-    DLogThetaK, DRadiusK, DPitchK ``[B, Hk, Tk]`` float32 (summed over the group's heads).
-    Other arguments as ``attention_fwd_kernel``; Lse, Delta ``[B, H, Tq]`` float32.
+    QR ``[B, H, Tq, D]`` and KR ``[B, Hk, Tk, D]`` are the rotated q~ and k~ (``rotate_kernel``);
+    K the raw keys (for the pull-back through the rotation). Writes DK, DV ``[B, Hk, Tk, D]``
+    (input dtype) and the key-side partials DLogThetaK, DRadiusK, DPitchK ``[B, Hk, Tk]``
+    float32 (summed over the group's heads). Other arguments as ``attention_fwd_kernel``;
+    Lse, Delta ``[B, H, Tq]`` float32.
     """
     HEAD_P: tl.constexpr = HEAD_DIM // 2
     pid_n = tl.program_id(0)
@@ -99,22 +101,17 @@ def dkdv_kernel(
     n_valid = offs_n < k_len
     k_rows = row_offsets(b, kv_head, kv_heads, Tk, offs_n)
     fk_offs = b.to(tl.int64) * Tk + offs_n
-    offs_d = tl.arange(0, HEAD_DIM)
 
-    # The key tile is resident: rotate it once. Everything below is key-major
-    # ([BLOCK_N, BLOCK_M] tiles, the transpose of the forward's), so that dV and dK~
-    # accumulate as plain dots without transposing P or dS.
-    cos_k, sin_k, _phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P)
-    k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P)
-    ke, ko = rotate(k_even, k_odd, cos_k, sin_k, radius_k)
-    v = tl.load(V + k_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    # Everything below is key-major ([BLOCK_N, BLOCK_M] tiles, the transpose of the
+    # forward's), so that dV and dK~ accumulate as plain dots without transposing P or dS.
+    k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
+    v = load_rows(V, k_rows, n_valid, HEAD_DIM)
     if BIAS != 0:
         pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[:, None]
         voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[:, None]
         beta = tl.load(Beta)
 
-    dke = tl.zeros([BLOCK_N, HEAD_P], tl.float32)
-    dko = tl.zeros([BLOCK_N, HEAD_P], tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dpitch_k = tl.zeros([BLOCK_N], tl.float32)
 
@@ -128,53 +125,45 @@ def dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < q_len
         fq_offs = b.to(tl.int64) * Tq + offs_m
-        # The query tables are shared by the group's heads: computed once per Q tile.
-        cos_q, sin_q, _phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
         allowed = allowed_tile(offs_m[None, :], offs_n[:, None], q_len, k_len, CAUSAL)
         if BIAS != 0:
             pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)[None, :]
             voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)[None, :]
+            # The pair weights are shared by the group's heads: one exponential per pair.
+            weight = pitch_weight(pitch_q, voiced_q, pitch_k, voiced_k, beta, BIAS)
         # The group's query heads in a fixed order: dK, dV of a shared kv head are summed
         # here, in registers, instead of with atomics.
         for g in range(GROUPS):
             h = kv_head * GROUPS + g
             q_rows = row_offsets(b, h, H, Tq, offs_m)
-            q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
-            qe, qo = rotate(q_even, q_odd, cos_q, sin_q, radius_q)
-            do = tl.load(DOut + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
+            do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
             lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
 
             bias_log2 = 0.0
             if BIAS != 0:
                 alpha = tl.load(Alpha + h)
-                bias_log2 = pitch_bias(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS) * LOG2E
-            s_t = score_tile(ke, ko, qe, qo, qk_scale, bias_log2, allowed, DOT_PRECISION, BIAS)
+                bias_log2 = pitch_bias_log2(weight, alpha, beta, BIAS)
+            s_t = tl.where(allowed, score_tile(k, q, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
             p_t = tl.exp2(s_t - lse[None, :])
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
-            ds_in = ds_t.to(qe.dtype)
-            dke = tl.dot(ds_in, qe, dke, input_precision=DOT_PRECISION)
-            dko = tl.dot(ds_in, qo, dko, input_precision=DOT_PRECISION)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
             if BIAS != 0:
                 _f_alpha, _f_beta, f_pair = pitch_bias_grad_factors(
-                    pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS
+                    weight, pitch_q, pitch_k, voiced_q, voiced_k, alpha, beta, BIAS
                 )
                 dpitch_k -= tl.sum(ds_t * f_pair, axis=1)
 
-    # dL/dk~ = scale * dS^T q~; pull it back through the key rotation.
-    # Tables and k are recomputed / reloaded rather than kept live across the loop. The
-    # reloads are volatile so that the compiler cannot merge them with the loads before
-    # the loop (it would, there being no store in between) and keep ~5 tiles live
-    # through it: on sm_90 that halves the register spills of this kernel.
-    cos_k, sin_k, phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P, RELOAD=True)
-    k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P, RELOAD=True)
-    dk_even, dk_odd, dlog_theta, dradius = unrotate(
-        dke * sm_scale, dko * sm_scale, k_even, k_odd, cos_k, sin_k, phi_k, radius_k, HEAD_P
-    )
     in_bounds = offs_n < Tk
+    # dV first: its registers are free before the pull-back below needs its own.
+    store_rows(DV, k_rows, in_bounds, dv, HEAD_DIM)
+    # dL/dk~ = scale * dS^T q~; pull it back through the key rotation.
+    dk_even, dk_odd, dlog_theta, dradius = unrotate(
+        dk * sm_scale, K, k_rows, PosK, LogThetaK, RadiusK, fk_offs, n_valid, BLOCK_N, HEAD_P
+    )
     store_halves(DK, k_rows, in_bounds, dk_even, dk_odd, HEAD_P)
-    tl.store(DV + k_rows[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_bounds[:, None])
     tl.store(DLogThetaK + k_rows, dlog_theta, mask=in_bounds)
     tl.store(DRadiusK + k_rows, dradius, mask=in_bounds)
     tl.store(DPitchK + k_rows, dpitch_k, mask=in_bounds)
@@ -182,7 +171,7 @@ def dkdv_kernel(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DOut, Lse, Delta,
+    Q, QR, KR, V, DOut, Lse, Delta,
     DQ, DLogThetaQ, DRadiusQ, DPitchQ, DAlphaRows, DBetaRows,
     PosQ, LogThetaQ, RadiusQ, PitchQ, VoicedQ,
     PosK, LogThetaK, RadiusK, PitchK, VoicedK,
@@ -194,9 +183,9 @@ def dq_kernel(
 ):
     """Grid ``(cdiv(Tq, BLOCK_M), B * H)``.
 
-    Writes DQ ``[B, H, Tq, D]`` (input dtype) and float32 ``[B, H, Tq]`` partials:
-    DLogThetaQ, DRadiusQ, DPitchQ (per head, summed over keys) and DAlphaRows, DBetaRows
-    (each row's contribution to dalpha_h and dbeta).
+    Q the raw queries, QR / KR the rotated q~ / k~. Writes DQ ``[B, H, Tq, D]`` (input
+    dtype) and float32 ``[B, H, Tq]`` partials: DLogThetaQ, DRadiusQ, DPitchQ (per head,
+    summed over keys) and DAlphaRows, DBetaRows (each row's contribution to dalpha_h and dbeta).
     """
     HEAD_P: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
@@ -213,12 +202,9 @@ def dq_kernel(
     m_valid = offs_m < q_len
     q_rows = row_offsets(b, h, H, Tq, offs_m)
     fq_offs = b.to(tl.int64) * Tq + offs_m
-    offs_d = tl.arange(0, HEAD_DIM)
 
-    cos_q, sin_q, _phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
-    q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
-    qe, qo = rotate(q_even, q_odd, cos_q, sin_q, radius_q)
-    do = tl.load(DOut + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
+    do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
     lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
     if BIAS != 0:
         pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)[:, None]
@@ -226,8 +212,7 @@ def dq_kernel(
         alpha = tl.load(Alpha + h)
         beta = tl.load(Beta)
 
-    dqe = tl.zeros([BLOCK_M, HEAD_P], tl.float32)
-    dqo = tl.zeros([BLOCK_M, HEAD_P], tl.float32)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Bias row sums: sum_j ds * f for the three factors, sum_j p * f for the same factors
     # and sum_j p * dp (see the delta correction after the loop).
     dalpha = tl.zeros([BLOCK_M], tl.float32)
@@ -239,32 +224,32 @@ def dq_kernel(
         p_pitch = tl.zeros([BLOCK_M], tl.float32)
         p_dp = tl.zeros([BLOCK_M], tl.float32)
 
+    kv_base = row_offsets(b, kv_head, H // GROUPS, Tk, 0)
     end_n = key_loop_end(start_m, q_len, k_len, BLOCK_M, CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
-        k_rows = row_offsets(b, kv_head, H // GROUPS, Tk, offs_n)
+        k_rows = kv_base + offs_n
         fk_offs = b.to(tl.int64) * Tk + offs_n
-        cos_k, sin_k, _phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P)
-        k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P)
-        ke, ko = rotate(k_even, k_odd, cos_k, sin_k, radius_k)
-        v = tl.load(V + k_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
+        v = load_rows(V, k_rows, n_valid, HEAD_DIM)
 
         bias_log2 = 0.0
         if BIAS != 0:
             pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[None, :]
             voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[None, :]
-            bias_log2 = pitch_bias(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS) * LOG2E
+            weight = pitch_weight(pitch_q, voiced_q, pitch_k, voiced_k, beta, BIAS)
+            bias_log2 = pitch_bias_log2(weight, alpha, beta, BIAS)
         allowed = allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL)
-        s = score_tile(qe, qo, ke, ko, qk_scale, bias_log2, allowed, DOT_PRECISION, BIAS)
+        s = tl.where(allowed, score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        ds_in = ds.to(ke.dtype)
-        dqe = tl.dot(ds_in, ke, dqe, input_precision=DOT_PRECISION)
-        dqo = tl.dot(ds_in, ko, dqo, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         if BIAS != 0:
-            f_alpha, f_beta, f_pair = pitch_bias_grad_factors(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS)
+            f_alpha, f_beta, f_pair = pitch_bias_grad_factors(
+                weight, pitch_q, pitch_k, voiced_q, voiced_k, alpha, beta, BIAS
+            )
             dalpha += tl.sum(ds * f_alpha, axis=1)
             dbeta += tl.sum(ds * f_beta, axis=1)
             dpitch_q += tl.sum(ds * f_pair, axis=1)
@@ -283,12 +268,9 @@ def dq_kernel(
         dbeta += correction * p_beta
         dpitch_q += correction * p_pitch
 
-    # dL/dq~ = scale * dS k~; pull it back through the query rotation (tables recomputed
-    # and q reloaded rather than kept live across the loop: registers are the scarce part).
-    cos_q, sin_q, phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
-    q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
+    # dL/dq~ = scale * dS k~; pull it back through the query rotation.
     dq_even, dq_odd, dlog_theta, dradius = unrotate(
-        dqe * sm_scale, dqo * sm_scale, q_even, q_odd, cos_q, sin_q, phi_q, radius_q, HEAD_P
+        dq * sm_scale, Q, q_rows, PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, BLOCK_M, HEAD_P
     )
     in_bounds = offs_m < Tq
     store_halves(DQ, q_rows, in_bounds, dq_even, dq_odd, HEAD_P)

@@ -1,17 +1,19 @@
-"""``@triton.jit`` building blocks shared by the forward and backward kernels.
+"""``@triton.jit`` building blocks shared by the rotation, forward and backward kernels.
 
-One way to do each thing: the rotation tables, the split-layout rotation and its
-inverse, the allowed-mask, the pitch bias and its gradient, and the score tile all
-live here so the forward and both backward kernels cannot drift apart.
+One way to do each thing: the rotation angles, the rotation and its inverse, the
+allowed-mask, the pitch bias and its gradient, and the score tile all live here so the
+kernels cannot drift apart.
 
 Conventions (every kernel):
 
 * q/k/v/o and their gradients are contiguous ``[B, heads, T, D]``; a token's row starts
   at ``((b * heads + head) * T + t) * D``. Offsets are built in int64.
-* A head-dim tile is handled as two ``[BLOCK, P]`` half tiles (P = D / 2): the even
-  columns ``2m`` and the odd columns ``2m + 1`` of the interleaved layout, loaded with
-  stride-2 pointers. The rotation then needs no shuffles and a score is
-  ``dot(q_even, k_even^T) + dot(q_odd, k_odd^T)``.
+* Rotated rows ("q~", "k~": ``radius * R(phi) x``) keep the interleaved layout of the
+  inputs (pair m in columns 2m, 2m + 1), in the input dtype. Keys are rotated once per
+  call by ``rotate_kernel`` into a buffer, so the attention loops stream plain tiles and
+  a score is one ``tl.dot(q~, k~^T)`` over the full head dim.
+* Gradients through the rotation are taken once per program, on two ``[BLOCK, P]`` half
+  tiles (P = D / 2): the even and the odd columns.
 * Feature vectors are contiguous float32 ``[B, T]``.
 * Scores are kept in log2 units (``s * log2(e)``) so the softmax can use ``exp2``.
 """
@@ -34,15 +36,26 @@ def row_offsets(b, head, heads, length, offs_t):
 
 
 @triton.jit
-def load_halves(ptr, rows, mask, HEAD_P: tl.constexpr, RELOAD: tl.constexpr = False):
-    """Even and odd columns ``[BLOCK, P]`` (input dtype) of rows ``rows`` (int64 row indices, D = 2P).
+def load_rows(ptr, rows, mask, HEAD_DIM: tl.constexpr):
+    """``[BLOCK, D]`` rows ``rows`` (int64 row indices) in the stored dtype; masked rows read 0."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0.0)
 
-    ``RELOAD``: volatile loads, which the compiler may not merge with an earlier identical load.
-    """
+
+@triton.jit
+def store_rows(ptr, rows, mask, x, HEAD_DIM: tl.constexpr):
+    """Write a ``[BLOCK, D]`` tile to rows ``rows``, cast to the buffer's dtype."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def load_halves(ptr, rows, mask, HEAD_P: tl.constexpr):
+    """Even and odd columns ``[BLOCK, P]`` (stored dtype) of rows ``rows`` (D = 2P)."""
     offs_p = tl.arange(0, HEAD_P)
     base = ptr + rows[:, None] * (2 * HEAD_P) + 2 * offs_p[None, :]
-    even = tl.load(base, mask=mask[:, None], other=0.0, volatile=RELOAD)
-    odd = tl.load(base + 1, mask=mask[:, None], other=0.0, volatile=RELOAD)
+    even = tl.load(base, mask=mask[:, None], other=0.0)
+    odd = tl.load(base + 1, mask=mask[:, None], other=0.0)
     return even, odd
 
 
@@ -57,54 +70,79 @@ def store_halves(ptr, rows, mask, even, odd, HEAD_P: tl.constexpr):
 
 
 @triton.jit
-def rotation_tables(pos_ptr, log_theta_ptr, radius_ptr, feat_offs, mask, HEAD_P: tl.constexpr,
-                    RELOAD: tl.constexpr = False):
-    """Per-token rotation of a tile, all float32.
+def load_features(pos_ptr, log_theta_ptr, radius_ptr, feat_offs, mask):
+    """``(pos, log_theta, radius)`` float32 ``[BLOCK]``; masked tokens read 0 (so radius 0)."""
+    pos = tl.load(pos_ptr + feat_offs, mask=mask, other=0.0)
+    log_theta = tl.load(log_theta_ptr + feat_offs, mask=mask, other=0.0)
+    radius = tl.load(radius_ptr + feat_offs, mask=mask, other=0.0)
+    return pos, log_theta, radius
 
-    ``phi[t, m] = pos_t * exp(-(2m / D) * log_theta_t)`` exactly as ``reference.rotation_angles``
-    (2 / D is a power of two, so the factor rounds the same way). Returns
-    ``(cos [BLOCK, P], sin [BLOCK, P], phi [BLOCK, P], radius [BLOCK])``; masked tokens get
-    phi = 0 and radius = 0. ``RELOAD`` as in ``load_halves``.
+
+@triton.jit
+def rotation_angles(pos, log_theta, pair, HEAD_P: tl.constexpr):
+    """``phi[t, c] = pos_t * exp(-(2 m_c / D) * log_theta_t)``, float32 ``[BLOCK, len(pair)]``.
+
+    ``pair`` holds each column's pair index m (float32). Exactly as
+    ``reference.rotation_angles``: 2 / D is a power of two, so the factor rounds the same way.
     """
-    pos = tl.load(pos_ptr + feat_offs, mask=mask, other=0.0, volatile=RELOAD)
-    log_theta = tl.load(log_theta_ptr + feat_offs, mask=mask, other=0.0, volatile=RELOAD)
-    radius = tl.load(radius_ptr + feat_offs, mask=mask, other=0.0, volatile=RELOAD)
-    m = tl.arange(0, HEAD_P).to(tl.float32)
-    omega = tl.exp(-(m * (1.0 / HEAD_P))[None, :] * log_theta[:, None])
-    phi = pos[:, None] * omega
-    return tl.cos(phi), tl.sin(phi), phi, radius
+    omega = tl.exp(-(pair * (1.0 / HEAD_P))[None, :] * log_theta[:, None])
+    return pos[:, None] * omega
 
 
 @triton.jit
-def rotate_unit(even, odd, cos, sin):
-    """Unit-radius rotation of each (even, odd) pair, float32 ``[BLOCK, P]`` halves."""
-    e = even.to(tl.float32)
-    o = odd.to(tl.float32)
-    return e * cos - o * sin, e * sin + o * cos
+def load_rotated(ptr, rows, pos_ptr, log_theta_ptr, radius_ptr, feat_offs, mask,
+                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``radius * R(phi) x`` of rows ``rows``: ``[BLOCK, D]`` in x's dtype, interleaved layout.
+
+    Column c pairs with c ^ 1, so a second load with the partner columns gives the
+    rotation without any shuffle: ``x~_c = r (x_c cos - x_{c^1} sin)`` on even c and
+    ``r (x_c cos + x_{c^1} sin)`` on odd c. The sines and cosines are computed once per
+    pair and duplicated across its two columns. Masked rows come out 0.
+    """
+    HEAD_P: tl.constexpr = HEAD_DIM // 2
+    offs_d = tl.arange(0, HEAD_DIM)
+    x = tl.load(ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0.0)
+    partner = tl.load(ptr + rows[:, None] * HEAD_DIM + (offs_d ^ 1)[None, :], mask=mask[:, None], other=0.0)
+    pos, log_theta, radius = load_features(pos_ptr, log_theta_ptr, radius_ptr, feat_offs, mask)
+    phi = rotation_angles(pos, log_theta, tl.arange(0, HEAD_P).to(tl.float32), HEAD_P)
+    cos = tl.cos(phi)
+    sin = tl.sin(phi)
+    cos_cols = tl.reshape(tl.join(cos, cos), [BLOCK, HEAD_DIM])
+    signed_sin_cols = tl.reshape(tl.join(-sin, sin), [BLOCK, HEAD_DIM])
+    unit = x.to(tl.float32) * cos_cols + partner.to(tl.float32) * signed_sin_cols
+    return (radius[:, None] * unit).to(x.dtype)
 
 
 @triton.jit
-def rotate(even, odd, cos, sin, radius):
-    """``radius * rotation`` of a half-tile pair, cast back to the input dtype for the tensor cores."""
-    ue, uo = rotate_unit(even, odd, cos, sin)
-    r = radius[:, None]
-    return (r * ue).to(even.dtype), (r * uo).to(even.dtype)
+def split_pairs(x, BLOCK: tl.constexpr, HEAD_P: tl.constexpr):
+    """A ``[BLOCK, D]`` tile in the interleaved layout as its (even, odd) ``[BLOCK, P]`` halves."""
+    return tl.split(tl.reshape(x, [BLOCK, HEAD_P, 2]))
 
 
 @triton.jit
-def unrotate(ge, go, even, odd, cos, sin, phi, radius, HEAD_P: tl.constexpr):
-    """Pull ``g = dL/d(rotated x)`` (float32 split halves) back through the rotation.
+def unrotate(g, x_ptr, rows, pos_ptr, log_theta_ptr, radius_ptr, feat_offs, mask,
+             BLOCK: tl.constexpr, HEAD_P: tl.constexpr):
+    """Pull ``g = dL/dx~`` (float32 ``[BLOCK, D]``, interleaved) back through the rotation of x.
 
     Mirrors ``chunked.unrotate`` for one tile: returns ``(dx_even, dx_odd [BLOCK, P],
     dlog_theta [BLOCK], dradius [BLOCK])``. ``dL/dr = <g, unit rotation>`` (no division
     by r); ``dL/dphi_m = r * (go * ue - ge * uo)`` (the pair turned by 90 degrees), and
     ``dphi_m / dlog_theta = -(2m / D) * phi_m``.
     """
-    ue, uo = rotate_unit(even, odd, cos, sin)
+    ge, go = split_pairs(g, BLOCK, HEAD_P)
+    even, odd = load_halves(x_ptr, rows, mask, HEAD_P)
+    pos, log_theta, radius = load_features(pos_ptr, log_theta_ptr, radius_ptr, feat_offs, mask)
+    m = tl.arange(0, HEAD_P).to(tl.float32)
+    phi = rotation_angles(pos, log_theta, m, HEAD_P)
+    cos = tl.cos(phi)
+    sin = tl.sin(phi)
+    e = even.to(tl.float32)
+    o = odd.to(tl.float32)
+    ue = e * cos - o * sin
+    uo = e * sin + o * cos
     r = radius[:, None]
     dradius = tl.sum(ge * ue + go * uo, axis=1)
     dphi = r * (go * ue - ge * uo)
-    m = tl.arange(0, HEAD_P).to(tl.float32)
     dlog_theta = tl.sum(dphi * phi * (-(m * (1.0 / HEAD_P)))[None, :], axis=1)
     dx_even = r * (ge * cos + go * sin)
     dx_odd = r * (go * cos - ge * sin)
@@ -127,56 +165,66 @@ def allowed_tile(i, j, q_len, k_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def pitch_bias(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS: tl.constexpr):
-    """Float32 bias tile in natural units: 1 = exp, 2 = l1 (callers skip BIAS = 0).
+def pitch_weight(pitch_q, voiced_q, pitch_k, voiced_k, beta, BIAS: tl.constexpr):
+    """The pair weight the bias is alpha times (1 = exp) or -alpha * beta times (2 = l1), float32.
 
-    Query/key features are broadcastable 2-D (see ``allowed_tile``).
+    exp: ``exp(-beta |dp|) v_i v_j``; l1: ``|dp| v_i v_j``. Computed once per tile and
+    shared by the bias and its gradient, so the backward pays one exponential per pair.
     """
     dist = tl.abs(pitch_q - pitch_k)
     both = voiced_q * voiced_k
     if BIAS == 1:
-        bias = alpha * tl.exp(-beta * dist) * both
+        weight = tl.exp(-beta * dist) * both
     else:
-        bias = -alpha * beta * dist * both
-    return bias
+        weight = dist * both
+    return weight
 
 
 @triton.jit
-def pitch_bias_grad_factors(pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS: tl.constexpr):
+def pitch_bias_log2(weight, alpha, beta, BIAS: tl.constexpr):
+    """The bias tile in log2 units from ``pitch_weight`` (callers skip BIAS = 0)."""
+    if BIAS == 1:
+        bias = alpha * weight
+    else:
+        bias = -alpha * beta * weight
+    return bias * LOG2E
+
+
+@triton.jit
+def pitch_bias_grad_factors(weight, pitch_q, pitch_k, voiced_q, voiced_k, alpha, beta, BIAS: tl.constexpr):
     """The bias gradient per unit of ``ds = dL/dscores`` (natural units), as ``chunked.bias_block_grads``.
 
     The bias gradients are linear in ds, so a caller forms ``ds * factor`` and sums.
     Returns float32 tiles ``(f_alpha, f_beta, f_pair)``: summed over keys, ``ds * f_alpha``
     / ``ds * f_beta`` / ``ds * f_pair`` are a query row's share of dalpha_h / dbeta /
     dpitch_q, and ``-ds * f_pair`` summed over queries is dpitch_k. d|x|/dx at 0 is 0
-    (pitch ties pass nothing), as torch.abs does. Features broadcastable 2-D.
+    (pitch ties pass nothing), as torch.abs does. ``weight`` from ``pitch_weight``.
     """
     delta = pitch_q - pitch_k
-    dist = tl.abs(delta)
     sign = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
-    both = voiced_q * voiced_k
     if BIAS == 1:
-        weight = tl.exp(-beta * dist) * both
+        # weight = exp(-beta |dp|) v v: d/dalpha = weight, d/dbeta = -alpha |dp| weight.
         f_alpha = weight
+        f_beta = -alpha * (weight * tl.abs(delta))
+        f_pair = -beta * alpha * weight * sign
     else:
-        weight = both
-        f_alpha = -beta * (weight * dist)
-    f_beta = -alpha * (weight * dist)
-    f_pair = -beta * alpha * weight * sign
+        # weight = |dp| v v: bias = -alpha beta weight.
+        both = voiced_q * voiced_k
+        f_alpha = -beta * weight
+        f_beta = -alpha * weight
+        f_pair = -beta * alpha * both * sign
     return f_alpha, f_beta, f_pair
 
 
 @triton.jit
-def score_tile(ae, ao, be, bo, qk_scale, bias_log2, allowed, DOT_PRECISION: tl.constexpr, BIAS: tl.constexpr):
-    """Masked scores in log2 units, float32 ``[rows of a, rows of b]``, from rotated half tiles.
+def score_tile(a, b, qk_scale, bias_log2, DOT_PRECISION: tl.constexpr, BIAS: tl.constexpr):
+    """Unmasked scores in log2 units, float32 ``[rows of a, rows of b]``, from rotated tiles.
 
-    ``dot(a_even, b_even^T) + dot(a_odd, b_odd^T)``: (a, b) = (q, k) gives the query-major
-    tile, (k, q) its transpose. ``qk_scale`` is ``scale * log2(e)``; ``bias_log2`` the pitch
-    bias times log2(e) (ignored when BIAS = 0). Disallowed entries are -inf.
+    ``dot(a, b^T)``: (a, b) = (q~, k~) gives the query-major tile, (k~, q~) its transpose.
+    ``qk_scale`` is ``scale * log2(e)``; ``bias_log2`` the pitch bias in log2 units
+    (ignored when BIAS = 0). Callers set disallowed entries to -inf (``allowed_tile``).
     """
-    s = tl.dot(ae, tl.trans(be), input_precision=DOT_PRECISION)
-    s = tl.dot(ao, tl.trans(bo), s, input_precision=DOT_PRECISION)
-    s = s * qk_scale
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if BIAS != 0:
         s = s + bias_log2
-    return tl.where(allowed, s, float("-inf"))
+    return s

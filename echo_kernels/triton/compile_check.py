@@ -21,10 +21,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .backward_kernels import delta_kernel, dkdv_kernel, dq_kernel
-from .forward_kernel import attention_fwd_kernel
+from .configs import backward_config
+from .forward_kernel import attention_fwd_kernel, rotate_kernel
 
-_TENSORS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"}
-_INTS = {"H", "GROUPS", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"}
+_TENSORS = {"X", "XR", "Q", "QR", "K", "KR", "V", "Out", "DOut", "DQ", "DK", "DV"}
+_INTS = {"H", "GROUPS", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "heads", "T"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -34,7 +35,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in _TENSORS:
             sig[name] = "*" + dtype
-        elif name in ("QLengths", "KLengths"):
+        elif name in ("QLengths", "KLengths", "Lengths"):
             sig[name] = "*i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
@@ -49,7 +50,7 @@ def compile_kernel(kernel, arch: int, dtype: str, dim: int, bias: int, causal: b
                    block_m: int, block_n: int, warps: int, stages: int) -> str:
     """Compile one kernel configuration; return a one-line resource summary."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constexprs = {"HEAD_DIM": dim, "BIAS": bias, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n,
+    constexprs = {"HEAD_DIM": dim, "BIAS": bias, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK": block_m,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs), constexprs),
@@ -80,11 +81,12 @@ def main() -> None:
     args = parser.parse_args()
     # One representative of each kernel: the forward's Hopper config and the backward's table.
     small = args.dim >= 256
-    stages = 1 if small else (3 if args.arch >= 90 else 2)
+    table = backward_config(args.dim, args.arch)
     jobs = [
+        (rotate_kernel, 64, 0, 4, 1),
         (attention_fwd_kernel, 64 if small else 128, 64, 4 if small else 8, 2 if small else 3),
-        (dkdv_kernel, 32, 32 if args.dim > 64 else 64, 8, stages),
-        (dq_kernel, 32 if args.dim > 64 else 64, 32, 8, stages),
+        *[(kernel, c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
+          for kernel, c in ((dkdv_kernel, table["dkdv"]), (dq_kernel, table["dq"]))],
         (delta_kernel, 64, 64, 4, 1),
     ]
     for kernel, block_m, block_n, warps, stages in jobs:

@@ -35,31 +35,32 @@ def forward_configs():
     ])
 
 
-def backward_config(head_dim: int, device) -> dict:
+def backward_config(head_dim: int, arch: int) -> dict:
     """Fixed launch parameters of the dK/dV and dQ kernels (not timed-autotuned, on purpose).
 
     The tile shapes fix the order in which the backward sums over tokens. A timing-based
     choice could differ between two processes and so change the last bits of the
     gradients; a table keyed on (head dim, GPU generation) keeps the backward bitwise
-    reproducible on a given device. For D <= 64 the resident side gets the bigger tile
-    (keys in dK/dV, queries in dQ), the streamed side a smaller one, as in FlashAttention-2.
-    Returns ``{"dkdv": {...}, "dq": {...}}`` of BLOCK_M, BLOCK_N, num_warps, num_stages.
+    reproducible on a given device. As in FlashAttention-2, the resident side gets the
+    bigger tile (keys in dK/dV, queries in dQ) and the streamed side a smaller one.
+    ``arch``: compute capability x 10 (80 = A100, 90 = H100). Returns
+    ``{"dkdv": {...}, "dq": {...}}`` of BLOCK_M, BLOCK_N, num_warps, num_stages.
     """
     if interpreting():
         block = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK, "num_warps": 4, "num_stages": 1}
         return {"dkdv": block, "dq": dict(block)}
-    import torch
-
     # Chosen from ahead-of-time compiles for sm_80 / sm_90 (``python -m
-    # echo_kernels.triton.compile_check``: registers and spills), not yet timed on a GPU:
-    # 8 warps everywhere, since the backward keeps the rotated tiles, dV and the two dK~
-    # halves in registers; smaller tiles as D grows; Hopper keeps one more stage in flight.
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
-    stages = 1 if head_dim >= 256 else (3 if hopper else 2)
+    # echo_kernels.triton.compile_check``: no register spills), not yet timed on a GPU.
+    # 8 warps everywhere: dK/dV keeps k~, v and two float32 accumulators resident, and
+    # with the bias its pair weights too; bigger dK/dV key tiles spill on sm_90.
+    hopper = arch >= 90
     if head_dim <= 64:
-        dkdv, dq = (32, 64), (64, 32)
+        dkdv, dq = (32, 64), (128, 32)
+    elif head_dim <= 128:
+        dkdv, dq = (32, 32), (64, 32)
     else:
         dkdv = dq = (32, 32)
+    stages = 1 if head_dim >= 256 else (3 if hopper else 2)
     return {
         "dkdv": {"BLOCK_M": dkdv[0], "BLOCK_N": dkdv[1], "num_warps": 8, "num_stages": stages},
         "dq": {"BLOCK_M": dq[0], "BLOCK_N": dq[1], "num_warps": 8, "num_stages": stages},

@@ -1,9 +1,14 @@
-"""Forward kernel: flash-style vRoPE attention with the pitch bias computed on the fly.
+"""Forward kernels: the key rotation, then flash-style vRoPE attention with the pitch bias on the fly.
 
-One program owns ``BLOCK_M`` query rows of one (batch, head). It rotates its Q tile once,
-then walks the key tiles that can matter (stopping at ``Lk`` and at the causal diagonal),
-rotating each K tile as it is loaded, and keeps an exp2 online softmax. Nothing of size
-``[Tq, Tk]`` ever exists outside registers.
+``rotate_kernel`` writes ``radius * R(phi) x`` once per token (O(T D) work and memory), so
+the attention kernels load rotated tiles as plain rows: no sines or cosines in any
+attention loop, and the forward and the backward see the very same q~ and k~ bits.
+
+``attention_fwd_kernel``: one program owns ``BLOCK_M`` query rows of one (batch, head).
+It loads its q~ tile once, then walks the key tiles that can matter (stopping at ``Lk``
+and at the causal diagonal) with an exp2 online softmax. Key tiles wholly inside every
+row's allowed range skip the mask; only the tiles at the length or the diagonal pay for
+it. Nothing of size ``[Tq, Tk]`` ever exists outside registers.
 """
 
 from __future__ import annotations
@@ -11,8 +16,37 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, allowed_tile, load_halves, pitch_bias, rotate, rotation_tables, row_offsets, score_tile
+from .common import (
+    LN2,
+    allowed_tile,
+    load_rotated,
+    load_rows,
+    pitch_bias_log2,
+    pitch_weight,
+    row_offsets,
+    score_tile,
+    store_rows,
+)
 from .configs import FWD_KEYS, forward_configs, prune_configs
+
+
+@triton.jit
+def rotate_kernel(X, XR, Pos, LogTheta, Radius, Lengths, heads, T,
+                  HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(T, BLOCK), B * heads)``: XR = rotated X (both ``[B, heads, T, D]``, X's dtype).
+
+    Tokens at or past their batch's length are written as 0.
+    """
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads
+    head = pid_bh % heads
+    offs_t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    length = tl.load(Lengths + b)
+    rows = row_offsets(b, head, heads, T, offs_t)
+    feat_offs = b.to(tl.int64) * T + offs_t
+    rotated = load_rotated(X, rows, Pos, LogTheta, Radius, feat_offs, offs_t < length, BLOCK, HEAD_DIM)
+    store_rows(XR, rows, offs_t < T, rotated, HEAD_DIM)
 
 
 @triton.jit
@@ -26,10 +60,69 @@ def key_loop_end(start_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.conste
     return tl.where(start_m < q_len, end, 0)
 
 
+@triton.jit
+def unmasked_key_end(start_m, q_len, k_len, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key tiles ``[0, end)`` are allowed for every query row ``i >= start_m`` (a multiple of BLOCK_N).
+
+    Rows past ``Lq`` in such tiles compute finite scores the caller discards at the end.
+    """
+    end = k_len
+    if CAUSAL:
+        # The tile's first row i = start_m sees keys j <= start_m + Lk - Lq.
+        end = tl.minimum(end, start_m + 1 + k_len - q_len)
+    return tl.maximum(end, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def attend_key_tiles(
+    acc, row_max, row_sum, q, offs_m, start, end,
+    KR, V, PitchK, VoicedK, kv_base, fk_base,
+    pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
+    HEAD_DIM: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online softmax over key tiles ``[start, end)``; returns the updated ``(acc, row_max, row_sum)``.
+
+    ``kv_base`` / ``fk_base``: int64 row offset of key 0 of this (b, kv head) / feature
+    offset of key 0 of batch b. ``MASKED``: apply the length and causal mask (the tiles at
+    the edges); otherwise every pair in the range is known to be allowed.
+    """
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        k_rows = kv_base + offs_n
+        k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
+        bias_log2 = 0.0
+        if BIAS != 0:
+            pitch_k = tl.load(PitchK + fk_base + offs_n, mask=n_valid, other=0.0)
+            voiced_k = tl.load(VoicedK + fk_base + offs_n, mask=n_valid, other=0.0)
+            weight = pitch_weight(pitch_q[:, None], voiced_q[:, None], pitch_k[None, :], voiced_k[None, :], beta, BIAS)
+            bias_log2 = pitch_bias_log2(weight, alpha, beta, BIAS)
+        s = score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS)
+        if MASKED:
+            s = tl.where(allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        if MASKED:
+            # Rows that have seen no allowed key yet keep max -inf: shift them by 0 so that
+            # exp2(-inf - shift) is 0 rather than exp2(-inf + inf) = NaN.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        else:
+            shift = new_max
+        p = tl.exp2(s - shift[:, None])
+        correction = tl.exp2(row_max - shift)
+        row_sum = row_sum * correction + tl.sum(p, axis=1)
+        v = load_rows(V, k_rows, n_valid, HEAD_DIM)
+        acc = acc * correction[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_max, row_sum
+
+
 @triton.autotune(configs=forward_configs(), key=FWD_KEYS, prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse,
+    QR, KR, V, Out, Lse,
     PosQ, LogThetaQ, RadiusQ, PitchQ, VoicedQ,
     PosK, LogThetaK, RadiusK, PitchK, VoicedK,
     Alpha, Beta, QLengths, KLengths,
@@ -41,13 +134,13 @@ def attention_fwd_kernel(
 ):
     """Grid ``(cdiv(Tq, BLOCK_M), B * H)``.
 
-    Q ``[B, H, Tq, D]``, K/V ``[B, Hk, Tk, D]`` (input dtype; head h reads kv head h // GROUPS);
-    features float32 ``[B, T]``; Alpha ``[H]`` and Beta ``[]`` float32; lengths int32 ``[B]``.
-    Writes Out ``[B, H, Tq, D]`` (input dtype, 0 on rows with no allowed key) and Lse
-    ``[B, H, Tq]`` float32 natural-log units, -inf on such rows. ``qk_scale = scale * log2(e)``.
-    TQ_BUCKET / TK_BUCKET only key the autotuner.
+    QR ``[B, H, Tq, D]``, KR ``[B, Hk, Tk, D]`` (q~ and k~ from ``rotate_kernel``) and V
+    ``[B, Hk, Tk, D]`` (input dtype; head h reads kv head h // GROUPS); features float32
+    ``[B, T]`` (the rotation features are unused here); Alpha ``[H]`` and Beta ``[]`` float32;
+    lengths int32 ``[B]``. Writes Out ``[B, H, Tq, D]`` (input dtype, 0 on rows with no
+    allowed key) and Lse ``[B, H, Tq]`` float32 natural-log units, -inf on such rows.
+    ``qk_scale = scale * log2(e)``. TQ_BUCKET / TK_BUCKET only key the autotuner.
     """
-    HEAD_P: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -62,10 +155,11 @@ def attention_fwd_kernel(
     q_rows = row_offsets(b, h, H, Tq, offs_m)
     fq_offs = b.to(tl.int64) * Tq + offs_m
 
-    # Rotate the resident Q tile once; its tables are dead after this.
-    cos_q, sin_q, _phi_q, radius_q = rotation_tables(PosQ, LogThetaQ, RadiusQ, fq_offs, m_valid, HEAD_P)
-    q_even, q_odd = load_halves(Q, q_rows, m_valid, HEAD_P)
-    qe, qo = rotate(q_even, q_odd, cos_q, sin_q, radius_q)
+    q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
+    pitch_q = tl.zeros([BLOCK_M], tl.float32)
+    voiced_q = tl.zeros([BLOCK_M], tl.float32)
+    alpha = 0.0
+    beta = 0.0
     if BIAS != 0:
         pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
         voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
@@ -75,43 +169,27 @@ def attention_fwd_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    offs_d = tl.arange(0, HEAD_DIM)
+    kv_base = row_offsets(b, kv_head, H // GROUPS, Tk, 0)
+    fk_base = b.to(tl.int64) * Tk
 
     end_n = key_loop_end(start_m, q_len, k_len, BLOCK_M, CAUSAL)
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < k_len
-        k_rows = row_offsets(b, kv_head, H // GROUPS, Tk, offs_n)
-        fk_offs = b.to(tl.int64) * Tk + offs_n
-        cos_k, sin_k, _phi_k, radius_k = rotation_tables(PosK, LogThetaK, RadiusK, fk_offs, n_valid, HEAD_P)
-        k_even, k_odd = load_halves(K, k_rows, n_valid, HEAD_P)
-        ke, ko = rotate(k_even, k_odd, cos_k, sin_k, radius_k)
+    full_end = tl.minimum(unmasked_key_end(start_m, q_len, k_len, BLOCK_N, CAUSAL), end_n)
+    acc, row_max, row_sum = attend_key_tiles(
+        acc, row_max, row_sum, q, offs_m, 0, full_end, KR, V, PitchK, VoicedK, kv_base, fk_base,
+        pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
+        HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, False,
+    )
+    acc, row_max, row_sum = attend_key_tiles(
+        acc, row_max, row_sum, q, offs_m, tl.maximum(full_end, 0), end_n, KR, V, PitchK, VoicedK, kv_base, fk_base,
+        pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
+        HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, True,
+    )
 
-        bias_log2 = 0.0
-        if BIAS != 0:
-            pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)
-            voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)
-            bias_log2 = pitch_bias(pitch_q[:, None], voiced_q[:, None], pitch_k[None, :], voiced_k[None, :], alpha, beta, BIAS) * LOG2E
-        allowed = allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL)
-        s = score_tile(qe, qo, ke, ko, qk_scale, bias_log2, allowed, DOT_PRECISION, BIAS)
-
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        # Rows that have seen no allowed key yet keep max -inf: shift them by 0 so that
-        # exp2(-inf - shift) is 0 rather than exp2(-inf + inf) = NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(s - shift[:, None])
-        correction = tl.exp2(row_max - shift)
-        row_sum = row_sum * correction + tl.sum(p, axis=1)
-        v = tl.load(V + k_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        acc = acc * correction[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        row_max = new_max
-
-    nonempty = row_sum > 0.0
+    # Padded query rows (i >= Lq) may have summed unmasked tiles: they are empty all the same.
+    nonempty = (row_sum > 0.0) & m_valid
     safe_sum = tl.where(nonempty, row_sum, 1.0)
     out = tl.where(nonempty[:, None], acc / safe_sum[:, None], 0.0)
     lse = tl.where(nonempty, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
     in_bounds = offs_m < Tq
-    tl.store(Out + q_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=in_bounds[:, None])
+    store_rows(Out, q_rows, in_bounds, out, HEAD_DIM)
     tl.store(Lse + q_rows, lse, mask=in_bounds)
