@@ -2,9 +2,11 @@
 
 Hand-written kernels (WMMA tensor-core products, float32 statistics): a flash-style
 forward and a deterministic backward (delta, dK/dV per key tile, dQ per query tile; no
-float atomics). The kernels write per-head / per-row partials of the feature, alpha and
-beta gradients; they are summed here with ``torch.sum`` over fixed dimensions, so the
-backward is bitwise reproducible.
+float atomics). Each pass first rotates q and k once into temporary buffers of their size
+and dtype (allocated by the extension through torch's allocator), so the attention kernels
+copy rotated tiles instead of recomputing sin/cos per tile. The kernels write per-head /
+per-row partials of the feature, alpha and beta gradients; they are summed here with
+``torch.sum`` over fixed dimensions, so the backward is bitwise reproducible.
 
 Supported: CUDA tensors on sm80+ (Ampere, Hopper), q/k/v float16 or bfloat16, head dim
 64 or 128, GQA/MQA, bias none/exp/l1, causal, padding. Anything else: use triton

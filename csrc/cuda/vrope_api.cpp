@@ -1,7 +1,9 @@
 // Host glue of the CUDA attention kernels: checks every tensor with TORCH_CHECK, fills the
 // plain Params struct and launches on the current stream. Outputs are allocated (and
-// NaN-poisoned) by echo_kernels/cuda.py and written here in place.
+// NaN-poisoned) by echo_kernels/cuda.py and written here in place; the rotation scratch is
+// allocated here.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -107,6 +109,22 @@ ElementType element_type(const at::Tensor& q) {
 
 bool nothing_to_do(const at::Tensor& q, const at::Tensor& k) { return q.numel() == 0 || k.size(2) == 0; }
 
+// The scratch the rotation prologue fills (Params::q_rot / k_rot), contiguous like q and k.
+// It comes from torch's caching allocator on the current stream, which hands freed memory
+// only to later work on that stream: holding the tensors until the launches are queued is
+// enough. Call under the device guard.
+struct RotationScratch {
+  at::Tensor q_rot;
+  at::Tensor k_rot;
+};
+
+RotationScratch rotation_scratch(Params& p, const at::Tensor& q, const at::Tensor& k) {
+  RotationScratch scratch{at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options())};
+  p.q_rot = scratch.q_rot.data_ptr();
+  p.k_rot = scratch.k_rot.data_ptr();
+  return scratch;
+}
+
 }  // namespace
 
 // Writes out [B, H, Tq, D] and lse [B, H, Tq] (float32).
@@ -121,6 +139,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
+  const RotationScratch scratch = rotation_scratch(p, q, k);
   launch_forward(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
 }
 
@@ -165,6 +184,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   p.dradius_k = k_parts[1].data_ptr<float>();
   p.dpitch_k = k_parts[2].data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
+  const RotationScratch scratch = rotation_scratch(p, q, k);
   launch_backward(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
 }
 

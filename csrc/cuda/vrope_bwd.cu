@@ -1,6 +1,8 @@
 // Deterministic backward of pitch-aware rotary attention (no float atomics anywhere).
 //
-// Three kernels, as chunked.backward states the maths:
+// Three kernels, as chunked.backward states the maths, after the rotation prologue
+// (vrope_rotate.cu) has written q~ and k~ to scratch once; every q~ / k~ tile below is a
+// plain copy of that scratch, and only the epilogues' unrotation computes angles again.
 // 1. delta_kernel:   delta_i = rowsum(dO_i * O_i), one warp per row.
 // 2. dkdv_kernel:    one CTA per (key tile, kv head, batch); loops over the GQA group's query
 //                    heads and then the query tiles, in a fixed order, recomputing
@@ -100,8 +102,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   const int lq = clamp_length(p.q_lengths[b], p.tq);
   const int lk = clamp_length(p.k_lengths[b], p.tk);
 
-  const T* k = static_cast<const T*>(p.k) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
-  const T* v = static_cast<const T*>(p.v) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
+  const int64_t k_head = head_offset(b, kv_head, p.kv_heads, p.tk, D);
+  const T* k = static_cast<const T*>(p.k) + k_head;  // read again by the unrotation only
+  const T* k_rot = static_cast<const T*>(p.k_rot) + k_head;
+  const T* v = static_cast<const T*>(p.v) + k_head;
   const int64_t q_feat = int64_t(b) * p.tq;
   const int64_t k_feat = int64_t(b) * p.tk;
 
@@ -112,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   const int my_col0 = (lane % 2) * kHalfCols;
   const int j = k0 + my_row;
 
-  load_rotated_tile<T, D>(k_tile, k, p.fk.pos + k_feat, p.fk.log_theta + k_feat, p.fk.radius + k_feat, k0, p.tk);
+  load_plain_tile<T, D>(k_tile, k_rot, k0, p.tk);
   load_plain_tile<T, D>(v_tile, v, k0, p.tk);
   const float pitch_j = j < p.tk ? p.fk.pitch[k_feat + j] : 0.0f;
   const float voiced_j = j < p.tk ? p.fk.voiced[k_feat + j] : 0.0f;
@@ -128,13 +132,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   const int q_begin = query_tile_begin_for_key_tile(k0, lq, lk, p.causal);
   for (int g = 0; g < group; ++g) {
     const int head = kv_head * group + g;
-    const T* q = static_cast<const T*>(p.q) + head_offset(b, head, p.heads, p.tq, D);
-    const T* dout = static_cast<const T*>(p.dout) + head_offset(b, head, p.heads, p.tq, D);
+    const int64_t q_head = head_offset(b, head, p.heads, p.tq, D);
+    const T* q_rot = static_cast<const T*>(p.q_rot) + q_head;
+    const T* dout = static_cast<const T*>(p.dout) + q_head;
     const int64_t row_base = (int64_t(b) * p.heads + head) * p.tq;
-    const BiasArgs bias{p.bias, p.alpha[head], beta};
+    const BiasArgs bias = bias_args(p.bias, p.alpha[head], beta);
     for (int q0 = q_begin; q0 < lq; q0 += kTile) {
       __syncthreads();  // every warp is done with the previous q / dout tiles
-      load_rotated_tile<T, D>(q_tile, q, p.fq.pos + q_feat, p.fq.log_theta + q_feat, p.fq.radius + q_feat, q0, p.tq);
+      load_plain_tile<T, D>(q_tile, q_rot, q0, p.tq);
       load_plain_tile<T, D>(do_tile, dout, q0, p.tq);
       for (int c = threadIdx.x; c < kTile; c += kThreads) lse2_q[c] = backward_lse2(p.lse + row_base, q0 + c, p.tq);
       load_vector(delta_q, p.delta + row_base, q0, p.tq, 0.0f);
@@ -249,9 +254,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   const int lq = clamp_length(p.q_lengths[b], p.tq);
   const int lk = clamp_length(p.k_lengths[b], p.tk);
 
-  const T* q = static_cast<const T*>(p.q) + head_offset(b, head, p.heads, p.tq, D);
-  const T* dout = static_cast<const T*>(p.dout) + head_offset(b, head, p.heads, p.tq, D);
-  const T* k = static_cast<const T*>(p.k) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
+  const int64_t q_head = head_offset(b, head, p.heads, p.tq, D);
+  const T* q = static_cast<const T*>(p.q) + q_head;  // read again by the unrotation only
+  const T* q_rot = static_cast<const T*>(p.q_rot) + q_head;
+  const T* dout = static_cast<const T*>(p.dout) + q_head;
+  const T* k_rot = static_cast<const T*>(p.k_rot) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
   const T* v = static_cast<const T*>(p.v) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
   const int64_t q_feat = int64_t(b) * p.tq;
   const int64_t k_feat = int64_t(b) * p.tk;
@@ -264,13 +271,13 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   const int my_col0 = (lane % 2) * kHalfCols;
   const int i = q0 + my_row;
 
-  load_rotated_tile<T, D>(q_tile, q, p.fq.pos + q_feat, p.fq.log_theta + q_feat, p.fq.radius + q_feat, q0, p.tq);
+  load_plain_tile<T, D>(q_tile, q_rot, q0, p.tq);
   load_plain_tile<T, D>(do_tile, dout, q0, p.tq);
   const float lse2_i = backward_lse2(p.lse + row_base, i, p.tq);
   const float delta_i = i < p.tq ? p.delta[row_base + i] : 0.0f;
   const float pitch_i = i < p.tq ? p.fq.pitch[q_feat + i] : 0.0f;
   const float voiced_i = i < p.tq ? p.fq.voiced[q_feat + i] : 0.0f;
-  const BiasArgs bias{p.bias, p.alpha[head], *p.beta};
+  const BiasArgs bias = bias_args(p.bias, p.alpha[head], *p.beta);
   const float qk_scale = p.scale * kLog2e;
 
   AccumulatorRow<D> dq_acc;  // sum over keys of dS k~ (times scale in the epilogue)
@@ -288,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   const int key_end = key_end_for_query_tile(q0, lq, lk, p.causal);
   for (int k0 = 0; k0 < key_end; k0 += kTile) {
     __syncthreads();  // every warp is done with the previous k / v tiles
-    load_rotated_tile<T, D>(k_tile, k, p.fk.pos + k_feat, p.fk.log_theta + k_feat, p.fk.radius + k_feat, k0, p.tk);
+    load_plain_tile<T, D>(k_tile, k_rot, k0, p.tk);
     load_plain_tile<T, D>(v_tile, v, k0, p.tk);
     load_vector(pitch_k, p.fk.pitch + k_feat, k0, p.tk, 0.0f);
     load_vector(voiced_k, p.fk.voiced + k_feat, k0, p.tk, 0.0f);
@@ -401,6 +408,7 @@ int backward_shared_memory_bytes(int head_dim) {
 }
 
 void launch_backward(const Params& params, ElementType type, int head_dim, cudaStream_t stream) {
+  launch_rotation(params, type, head_dim, stream);
   if (type == ElementType::kFloat16) {
     if (head_dim == 64) return run_backward<__half, 64>(params, stream);
     return run_backward<__half, 128>(params, stream);

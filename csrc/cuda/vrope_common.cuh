@@ -1,15 +1,17 @@
-// Device building blocks shared by the forward and backward kernels: one way to do each
-// thing (rotation tables, tile loads, the allowed-mask, the pitch bias and its gradient,
-// warp-level tensor-core products), so the three kernels cannot drift apart.
+// Device building blocks shared by the rotation prologue, the forward and the backward
+// kernels: one way to do each thing (rotation tables, tile loads, the allowed-mask, the pitch
+// bias and its gradient, warp-level tensor-core products), so the kernels cannot drift apart.
 //
 // Conventions (every kernel):
 // * A CTA has kThreads = 128 threads (4 warps) and works on 64-token tiles (kTile); warp w
 //   owns rows [16 w, 16 w + 16) of every per-tile matrix it computes (scores, probabilities,
 //   accumulators), so only tiles shared by all warps need __syncthreads.
-// * q and k are rotated as they are loaded and stored in shared memory in the "split" layout:
+// * q and k are rotated once per launch, before the attention kernels, by the prologue
+//   (vrope_rotate.cu) into global scratch (Params::q_rot / k_rot) in the "split" layout:
 //   columns [0, P) hold the rotated even elements (2m), columns [P, D) the rotated odd ones
-//   (2m + 1). A score is then one dot product over D with no shuffles. v, dout, out and every
-//   gradient stay in the interleaved (natural) layout.
+//   (2m + 1). A score is then one dot product over D with no shuffles, and every tile the
+//   attention kernels stream is a plain 16-byte-vector copy, with no trig per tile. v, dout,
+//   out and every gradient stay in the interleaved (natural) layout.
 // * Scores are kept in log2 units (s * log2 e) so the softmax uses exp2; the bias too.
 // * Products use WMMA (mma.sync through nvcuda::wmma): 16x16x16 half/bfloat16 fragments with
 //   float32 accumulators, operands read from shared memory.
@@ -147,35 +149,9 @@ __device__ __forceinline__ PairRotation pair_rotation(float pos, float log_theta
 
 // ---- tile loads --------------------------------------------------------------------------------
 
-// dst[row][m], dst[row][P + m] = radius * rotation of the pair (x_2m, x_2m+1) of token t0 + row,
-// rounded to T (the tensor cores' input); rows at or past `length` are zero.
-// `src` points at token 0 of this (batch, head); the feature pointers at token 0 of the batch.
-template <typename T, int D>
-__device__ void load_rotated_tile(T* dst, const T* src, const float* pos, const float* log_theta,
-                                  const float* radius, int t0, int length) {
-  using E = Element<T>;
-  constexpr int P = HeadDim<D>::kPairs;
-  constexpr int ld = HeadDim<D>::kLd;
-  for (int idx = threadIdx.x; idx < kTile * P; idx += kThreads) {
-    const int row = idx / P;
-    const int m = idx % P;
-    const int t = t0 + row;
-    float even = 0.0f;
-    float odd = 0.0f;
-    if (t < length) {
-      const float2 x = E::to_float2(reinterpret_cast<const typename E::Pair*>(src + int64_t(t) * D)[m]);
-      const PairRotation rot = pair_rotation<D>(pos[t], log_theta[t], m);
-      const float r = radius[t];
-      even = r * (x.x * rot.cos - x.y * rot.sin);
-      odd = r * (x.x * rot.sin + x.y * rot.cos);
-    }
-    dst[row * ld + m] = E::from_float(even);
-    dst[row * ld + P + m] = E::from_float(odd);
-  }
-}
-
-// dst[row][:] = src row t0 + row (interleaved layout kept), zero at or past `length`;
-// copied in 16-byte vectors (the wrapper guarantees 16-byte aligned tensors).
+// dst[row][:] = src row t0 + row, zero at or past `length`, columns kept in the source's layout
+// (natural for v / dout, split for the rotated scratch); copied in 16-byte vectors (the wrapper
+// guarantees 16-byte aligned tensors, and the scratch comes from torch's allocator).
 template <typename T, int D>
 __device__ void load_plain_tile(T* dst, const T* src, int t0, int length) {
   constexpr int kVector = 16 / sizeof(T);
@@ -229,26 +205,34 @@ struct BiasArgs {
   int kind;  // kBiasNone / kBiasExp / kBiasL1
   float alpha;  // this head's weight
   float beta;
+  // alpha and beta times log2(e), for the bias in the log2 units of the logits: the exp
+  // bias's e^{-beta |dp|} is then a bare exp2 (one MUFU op) and the bias needs no final
+  // scaling by log2(e).
+  float alpha2;
+  float beta2;
 };
 
-// The bias in natural units (exp: alpha e^{-beta |dp|} v v'; l1: -alpha beta |dp| v v').
-__device__ __forceinline__ float pitch_bias(const BiasArgs& b, float pitch_q, float voiced_q, float pitch_k,
-                                            float voiced_k) {
-  const float dist = fabsf(pitch_q - pitch_k);
-  const float both = voiced_q * voiced_k;
-  if (b.kind == kBiasExp) return b.alpha * __expf(-b.beta * dist) * both;
-  if (b.kind == kBiasL1) return -b.alpha * b.beta * dist * both;
-  return 0.0f;
+__device__ __forceinline__ BiasArgs bias_args(int kind, float alpha, float beta) {
+  return BiasArgs{kind, alpha, beta, alpha * kLog2e, beta * kLog2e};
 }
 
-// The log2-domain logit of one allowed pair: score * scale * log2(e) + bias * log2(e). The
-// forward and both backward kernels call this one function, so the backward's recomputed
+// e^{-beta |dp|} v v', the exp bias per unit of alpha (and its gradient's weight).
+__device__ __forceinline__ float exp_bias_weight(const BiasArgs& b, float dist, float both) {
+  return exp2f(-b.beta2 * dist) * both;
+}
+
+// The log2-domain logit of one allowed pair: score * scale * log2(e) + bias * log2(e), the
+// bias being alpha e^{-beta |dp|} v v' (exp) or -alpha beta |dp| v v' (l1). The forward and
+// both backward kernels call this one function, so the backward's recomputed
 // P = exp2(logit - lse2) uses bit for bit the logits the forward normalised.
 __device__ __forceinline__ float logit2(float score, float qk_scale, const BiasArgs& b, float pitch_q, float voiced_q,
                                         float pitch_k, float voiced_k) {
   float x = score * qk_scale;
-  if (b.kind != kBiasNone) x += pitch_bias(b, pitch_q, voiced_q, pitch_k, voiced_k) * kLog2e;
-  return x;
+  if (b.kind == kBiasNone) return x;
+  const float dist = fabsf(pitch_q - pitch_k);
+  const float both = voiced_q * voiced_k;
+  if (b.kind == kBiasExp) return x + b.alpha2 * exp_bias_weight(b, dist, both);
+  return x - b.alpha2 * b.beta * dist * both;
 }
 
 // The bias gradient per unit of ds = dL/ds_ij (as chunked.bias_block_grads): summed over the
@@ -269,7 +253,7 @@ __device__ __forceinline__ BiasGrad pitch_bias_grad(const BiasArgs& b, float pit
   float weight;
   BiasGrad g;
   if (b.kind == kBiasExp) {
-    weight = __expf(-b.beta * dist) * both;
+    weight = exp_bias_weight(b, dist, both);
     g.alpha_factor = weight;
   } else {
     weight = both;
@@ -372,7 +356,11 @@ __device__ FeatureGrad warp_unrotate_row(const float* g, float g_scale, const T*
   return FeatureGrad{warp_sum(dlog_theta), warp_sum(dradius)};
 }
 
-// ---- launch helper -----------------------------------------------------------------------------
+// ---- launch helpers ----------------------------------------------------------------------------
+
+// Rotation prologue (vrope_rotate.cu): writes Params::q_rot and k_rot from q and k. One compiled
+// kernel serves the forward and the backward, so both see bitwise the same q~ and k~.
+void launch_rotation(const Params& p, ElementType type, int head_dim, cudaStream_t stream);
 
 // Offset (in elements) of token 0 of (batch b, head h) in a [B, heads, T, width] tensor.
 __device__ __forceinline__ int64_t head_offset(int b, int h, int heads, int length, int width) {

@@ -1,10 +1,11 @@
 // Flash-style forward of pitch-aware rotary attention (the contract: shared/spec/vrope-attention.md).
 //
-// One CTA per (query tile, head, batch). The query tile is rotated once into shared memory;
-// the CTA then walks the key tiles that can be allowed for it (skipping tiles past the key
-// length or above the causal diagonal), rotating each as it is loaded, and keeps an exp2-based
-// online softmax. The output accumulator lives in shared memory (float32), because WMMA's
-// register layout is opaque and each tile rescales the accumulator row by row.
+// The rotation prologue (vrope_rotate.cu) first writes rotated q and k to scratch once; then
+// one CTA per (query tile, head, batch) copies its rotated query tile into shared memory and
+// walks the rotated key tiles that can be allowed for it (skipping tiles past the key length
+// or above the causal diagonal), keeping an exp2-based online softmax. The output accumulator
+// lives in shared memory (float32), because WMMA's register layout is opaque and each tile
+// rescales the accumulator row by row.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/vrope_common.cuh"
@@ -54,8 +55,8 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_kernel(const Params p)
   const int lq = clamp_length(p.q_lengths[b], p.tq);
   const int lk = clamp_length(p.k_lengths[b], p.tk);
 
-  const T* q = static_cast<const T*>(p.q) + head_offset(b, head, p.heads, p.tq, D);
-  const T* k = static_cast<const T*>(p.k) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
+  const T* q_rot = static_cast<const T*>(p.q_rot) + head_offset(b, head, p.heads, p.tq, D);
+  const T* k_rot = static_cast<const T*>(p.k_rot) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
   const T* v = static_cast<const T*>(p.v) + head_offset(b, kv_head, p.kv_heads, p.tk, D);
   const int64_t q_feat = int64_t(b) * p.tq;
   const int64_t k_feat = int64_t(b) * p.tk;
@@ -67,10 +68,10 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_kernel(const Params p)
   const int my_col0 = (lane % 2) * kHalfCols;
   const int i = q0 + my_row;
 
-  load_rotated_tile<T, D>(q_tile, q, p.fq.pos + q_feat, p.fq.log_theta + q_feat, p.fq.radius + q_feat, q0, p.tq);
+  load_plain_tile<T, D>(q_tile, q_rot, q0, p.tq);
   for (int idx = threadIdx.x; idx < kTile * H::kAccLd; idx += kThreads) acc[idx] = 0.0f;
 
-  const BiasArgs bias{p.bias, p.alpha[head], *p.beta};
+  const BiasArgs bias = bias_args(p.bias, p.alpha[head], *p.beta);
   const float pitch_i = i < p.tq ? p.fq.pitch[q_feat + i] : 0.0f;
   const float voiced_i = i < p.tq ? p.fq.voiced[q_feat + i] : 0.0f;
   const float qk_scale = p.scale * kLog2e;
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_kernel(const Params p)
   const int key_end = key_end_for_query_tile(q0, lq, lk, p.causal);
   for (int k0 = 0; k0 < key_end; k0 += kTile) {
     __syncthreads();  // every warp is done with the previous K/V tile (and, first time, q_tile is written)
-    load_rotated_tile<T, D>(k_tile, k, p.fk.pos + k_feat, p.fk.log_theta + k_feat, p.fk.radius + k_feat, k0, p.tk);
+    load_plain_tile<T, D>(k_tile, k_rot, k0, p.tk);
     load_plain_tile<T, D>(v_tile, v, k0, p.tk);
     load_vector(pitch_k, p.fk.pitch + k_feat, k0, p.tk, 0.0f);
     load_vector(voiced_k, p.fk.voiced + k_feat, k0, p.tk, 0.0f);
@@ -186,6 +187,7 @@ int forward_shared_memory_bytes(int head_dim) {
 }
 
 void launch_forward(const Params& params, ElementType type, int head_dim, cudaStream_t stream) {
+  launch_rotation(params, type, head_dim, stream);
   if (type == ElementType::kFloat16) {
     if (head_dim == 64) return run_forward<__half, 64>(params, stream);
     return run_forward<__half, 128>(params, stream);

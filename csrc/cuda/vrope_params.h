@@ -49,6 +49,13 @@ struct Params {
   bool causal;
   float scale;
 
+  // Scratch the rotation prologue fills at the start of every launch_forward / launch_backward:
+  // radius_t R(phi_t) x_t of each token in the split layout (rotated evens in columns [0, P),
+  // odds in [P, D)), rounded once to the element type, 0 for tokens at or past the batch's
+  // length. The attention kernels read their q~ / k~ tiles from here.
+  void* q_rot;  // [B, H, Tq, D]
+  void* k_rot;  // [B, Hk, Tk, D]
+
   // Forward outputs; the backward reads them as inputs.
   void* out;  // [B, H, Tq, D]
   float* lse;  // [B, H, Tq], natural log, -inf on rows with no allowed key
@@ -72,6 +79,7 @@ struct Params {
 };
 
 // Launchers (vrope_fwd.cu, vrope_bwd.cu). head_dim must be 64 or 128; they check every launch.
+// Each runs the rotation prologue first, into q_rot and k_rot, then its attention kernels.
 void launch_forward(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
 void launch_backward(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
 

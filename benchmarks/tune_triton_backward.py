@@ -1,0 +1,80 @@
+"""Time the Triton backward under candidate tile tables (GPU only), to choose ``configs.backward_config``.
+
+    python -m benchmarks.tune_triton_backward [--length 4096] [--dims 64 128]
+
+The backward's tiles are a fixed table, not autotuned (a timed choice could change the
+gradients' last bits between runs); this script is how that table is chosen: it times
+forward+backward of bf16, B=4, H=16, exp bias, non-causal and causal, for each
+candidate, and prints one line per (dim, causal, candidate) with the median in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+from benchmarks.shapes import Shape, make_inputs
+from benchmarks.test_attention import method_fn
+from echo_kernels.triton import configs
+
+# (dK/dV BLOCK_M x BLOCK_N, dQ BLOCK_M x BLOCK_N, warps); stages as the table's.
+CANDIDATES = [((32, 64), (128, 32), 8), ((32, 64), (64, 32), 8), ((32, 32), (64, 32), 8),
+              ((32, 128), (128, 32), 8), ((64, 64), (64, 64), 8), ((32, 64), (64, 32), 4)]
+
+
+def table(dkdv, dq, warps, stages):
+    def config(head_dim, arch):
+        return {"dkdv": {"BLOCK_M": dkdv[0], "BLOCK_N": dkdv[1], "num_warps": warps, "num_stages": stages},
+                "dq": {"BLOCK_M": dq[0], "BLOCK_N": dq[1], "num_warps": warps, "num_stages": stages}}
+    return config
+
+
+def fwd_bwd_step(inp):
+    attention = method_fn("triton", inp)
+
+    def step():
+        attention().sum().backward()
+        inp.q.grad = inp.k.grad = inp.v.grad = None
+    return step
+
+
+def median_ms(fn, repeats: int = 7) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    args = parser.parse_args()
+    default = configs.backward_config
+    for dim in args.dims:
+        for causal in (False, True):
+            shape = Shape("tune", 4, 16, 16, args.length, args.length, dim, causal)
+            step = fwd_bwd_step(make_inputs(shape, torch.bfloat16, requires_grad=True))
+            stages = default(dim, 90)["dq"]["num_stages"]
+            for dkdv, dq, warps in CANDIDATES:
+                configs.backward_config = table(dkdv, dq, warps, stages)
+                try:
+                    ms = f"{median_ms(step):8.2f} ms"
+                except (OutOfResources, RuntimeError) as exc:  # a tile too big for shared memory or registers
+                    ms = f"failed ({type(exc).__name__})"
+                print(f"D={dim} causal={causal} dkdv={dkdv} dq={dq} warps={warps}: {ms}", flush=True)
+            configs.backward_config = default
+            print(f"D={dim} causal={causal} table now {default(dim, 90)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
