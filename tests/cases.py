@@ -35,6 +35,8 @@ class Case:
     theta_mode: str = "f0"
     radius_mode: str = "f0"
     empty_row: bool = False  # one batch entry with k_length 0: every row fully masked
+    beta: float = 0.8
+    pitch_scale: float = 1.0  # multiplies the pitch features (wide pitch ranges stress the exp bias)
     seed: int = 0
 
 
@@ -68,7 +70,7 @@ def make_case(case: Case, dtype: torch.dtype, device: str = "cpu"):
     alpha = 0.5 + torch.rand(h, generator=gen, dtype=torch.float64)
     dout = torch.randn(b, h, tq, d, generator=gen, dtype=torch.float64)
     return {"q": q, "k": k, "v": v, "f0q": f0q, "f0k": f0k, "q_lengths": q_lengths, "k_lengths": k_lengths, "alpha": alpha,
-                "beta": torch.tensor(0.8, dtype=torch.float64), "dout": dout, "dtype": dtype, "device": device}
+                "beta": torch.tensor(case.beta, dtype=torch.float64), "dout": dout, "dtype": dtype, "device": device}
 
 
 def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None, grads: bool = True):
@@ -85,6 +87,7 @@ def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None
     mode = {"theta_mode": case.theta_mode, "radius_mode": case.radius_mode, "dtype": stat}
     fq = ek.pitch_features(inputs["f0q"].to(device), lengths=ql, **mode)
     fk = ek.pitch_features(inputs["f0k"].to(device), lengths=kl, **mode)
+    fq, fk = (f._replace(pitch=f.pitch * case.pitch_scale) for f in (fq, fk))
     fq = fq._replace(**{n: getattr(fq, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})
     fk = fk._replace(**{n: getattr(fk, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})
     alpha, beta = leaf(inputs["alpha"], stat), leaf(inputs["beta"], stat)

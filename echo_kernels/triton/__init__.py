@@ -115,11 +115,10 @@ def _rotated(x: Tensor, features: list[Tensor], lengths: Tensor) -> Tensor:
     """
     import triton
 
-    from .configs import INTERPRETER_BLOCK
+    from .configs import INTERPRETER_BLOCK, ROTATE_BLOCK
     from .forward_kernel import rotate_kernel
 
-    # 16 rows per program on a GPU: bigger tiles spill the sine/cosine registers on sm_90.
-    block = INTERPRETER_BLOCK if interpreting() else 16
+    block = INTERPRETER_BLOCK if interpreting() else ROTATE_BLOCK
     batch, heads, length, dim = x.shape
     out = output_buffer(x.shape, x)
     grid = (triton.cdiv(length, block), batch * heads)

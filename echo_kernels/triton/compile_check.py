@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .backward_kernels import delta_kernel, dkdv_kernel, dq_kernel
-from .configs import backward_config
+from .configs import ROTATE_BLOCK, backward_config
 from .forward_kernel import attention_fwd_kernel, rotate_kernel
 
 _TENSORS = {"X", "XR", "Q", "QR", "K", "KR", "V", "Out", "DOut", "DQ", "DK", "DV"}
@@ -83,7 +83,7 @@ def main() -> None:
     small = args.dim >= 256
     table = backward_config(args.dim, args.arch)
     jobs = [
-        (rotate_kernel, 64, 0, 4, 1),
+        (rotate_kernel, ROTATE_BLOCK, 0, 4, 1),
         (attention_fwd_kernel, 64 if small else 128, 64, 4 if small else 8, 2 if small else 3),
         *[(kernel, c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])
           for kernel, c in ((dkdv_kernel, table["dkdv"]), (dq_kernel, table["dq"]))],

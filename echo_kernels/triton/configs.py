@@ -17,6 +17,8 @@ from ._env import interpreting
 FWD_KEYS = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 INTERPRETER_BLOCK = 64
+# Rows per program of the rotation kernel on a GPU: bigger tiles spill its sine/cosine registers on sm_90.
+ROTATE_BLOCK = 16
 
 
 def _configs(shapes):
@@ -49,21 +51,21 @@ def backward_config(head_dim: int, arch: int) -> dict:
     if interpreting():
         block = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK, "num_warps": 4, "num_stages": 1}
         return {"dkdv": block, "dq": dict(block)}
-    # Chosen from ahead-of-time compiles for sm_80 / sm_90 (``python -m
-    # echo_kernels.triton.compile_check``: no register spills), not yet timed on a GPU.
-    # 8 warps everywhere: dK/dV keeps k~, v and two float32 accumulators resident, and
-    # with the bias its pair weights too; bigger dK/dV key tiles spill on sm_90.
+    # D <= 64: timed on an H100 (``python -m benchmarks.tune_triton_backward``, T = 4096,
+    # bf16; benchmarks/results/gpu-h100-20261126): of six tables, this one was fastest
+    # (9.9 ms full, 7.2 ms causal; 8 warps: 14.0 / 9.5 ms). Larger D: from ahead-of-time
+    # compiles (``python -m echo_kernels.triton.compile_check``: fewest spills), not yet timed.
     hopper = arch >= 90
     if head_dim <= 64:
-        dkdv, dq = (32, 64), (128, 32)
+        dkdv, dq, warps = (32, 64), (64, 32), 4
     elif head_dim <= 128:
-        dkdv, dq = (32, 32), (64, 32)
+        dkdv, dq, warps = (32, 32), (64, 32), 8
     else:
-        dkdv = dq = (32, 32)
+        dkdv, dq, warps = (32, 32), (32, 32), 8
     stages = 1 if head_dim >= 256 else (3 if hopper else 2)
     return {
-        "dkdv": {"BLOCK_M": dkdv[0], "BLOCK_N": dkdv[1], "num_warps": 8, "num_stages": stages},
-        "dq": {"BLOCK_M": dq[0], "BLOCK_N": dq[1], "num_warps": 8, "num_stages": stages},
+        "dkdv": {"BLOCK_M": dkdv[0], "BLOCK_N": dkdv[1], "num_warps": warps, "num_stages": stages},
+        "dq": {"BLOCK_M": dq[0], "BLOCK_N": dq[1], "num_warps": warps, "num_stages": stages},
     }
 
 
