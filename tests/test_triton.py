@@ -53,8 +53,7 @@ CPU_CASES = [
     ("self_attn_256_unpadded_f32", Case(tq=256, tk=256, padded=False, causal=True, batch=1, heads=2, kv_heads=1,
                                         theta_mode="mean_f0", seed=10), torch.float32),
     ("short_1x1_f32", Case(tq=1, tk=5, batch=2, heads=2, kv_heads=1, seed=11), torch.float32),
-    # The exp weight's per-token factoring holds for beta >= 0 and |beta log2(e) pitch| <= 32;
-    # these take the direct formula on some or all tiles.
+    # Wide pitch ranges (|beta pitch| up to ~90) and a negative beta: no overflow, no shortcut.
     ("wide_pitch_f32", Case(pitch_scale=40.0, heads=2, kv_heads=1, seed=17), torch.float32),
     ("negative_beta_f16", Case(beta=-0.3, heads=2, kv_heads=1, seed=18), torch.float16),
 ]
