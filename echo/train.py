@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from echo.align import token_f0
+from echo.augment import AugmentConfig, augment_batch, step_generator
 from echo.data.dataset import Batch, Collator, Example, SpeechDataset
 from echo.model import Echo, EchoConfig
 from echo.text import CharTokenizer
@@ -84,15 +85,17 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs: ``model`` (:class:`EchoConfig`), ``train``, ``data``."""
+    """Everything a run needs: ``model`` (:class:`EchoConfig`), ``train``, ``data``, ``augment``."""
 
     model: EchoConfig = field(default_factory=EchoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (stored in checkpoints)."""
-        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data)}
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data),
+                "augment": asdict(self.augment)}
 
 
 def _section(cls: type, data: Any, name: str) -> Any:
@@ -111,12 +114,12 @@ def _section(cls: type, data: Any, name: str) -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Validate a nested mapping ``{model, train, data}`` into a :class:`RunConfig`."""
+    """Validate a nested mapping ``{model, train, data, augment}`` into a :class:`RunConfig`."""
     if not isinstance(data, dict):
         raise TypeError(f"config must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"model", "train", "data"})
+    unknown = sorted(set(data) - {"model", "train", "data", "augment"})
     if unknown:
-        raise ValueError(f"unknown config sections {unknown}; expected model, train, data")
+        raise ValueError(f"unknown config sections {unknown}; expected model, train, data, augment")
     model = EchoConfig.from_dict(data.get("model") or {})
     train = _section(TrainConfig, data.get("train"), "train")
     for name in ("batch_size", "max_steps", "log_every"):
@@ -124,7 +127,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             raise ValueError(f"train.{name} must be positive, got {getattr(train, name)}")
     if train.lr <= 0 or train.warmup_steps < 0 or train.grad_clip < 0:
         raise ValueError("train.lr must be > 0, warmup_steps >= 0, grad_clip >= 0")
-    return RunConfig(model, train, _section(DataConfig, data.get("data"), "data"))
+    return RunConfig(model, train, _section(DataConfig, data.get("data"), "data"),
+                     _section(AugmentConfig, data.get("augment"), "augment"))
 
 
 def _parse_value(text: str) -> Any:
@@ -431,7 +435,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                             generator=torch.Generator().manual_seed(tc.seed))
         for batch in loader:
             model.train()
-            inputs = batch_inputs(batch, device)
+            inputs = augment_batch(batch_inputs(batch, device), cfg.augment, step_generator(tc.seed, step))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = ddp_model(**inputs)
             loss = out["loss"]

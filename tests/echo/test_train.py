@@ -9,14 +9,17 @@ import torch
 import echo.train as tr
 from echo.train import DistributedBucketSampler, atomic_save, config_from_dict, load_config, train
 
+AUGMENT = {"freq_masks": 2, "freq_width": 8, "time_masks": 2, "time_width": 0.1, "mel_warp": 0.1, "f0_scale": 0.1}
 
-def _cfg(tmp_path, **train_kw):
+
+def _cfg(tmp_path, augment=None, **train_kw):
     return config_from_dict({
         "model": {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ffn_dim": 64,
                   "dropout": 0.1, "backend": "chunked"},
         "train": {"out_dir": str(tmp_path / "run"), "batch_size": 8, "lr": 3e-3, "warmup_steps": 4,
                   "max_steps": 8, "eval_every": 0, "ckpt_every": 0, "log_every": 4, "threads": 1, **train_kw},
         "data": {"synthetic": True, "synthetic_size": 32},
+        "augment": augment or {},
     })
 
 
@@ -47,8 +50,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
 
 
-def test_resume_is_exact(tmp_path):
-    straight = train(_cfg(tmp_path / "a"), quiet=True)  # 8 steps = 2 epochs of 4 batches
+@pytest.mark.parametrize("augment", [None, AUGMENT], ids=["plain", "augmented"])
+def test_resume_is_exact(tmp_path, augment):
+    straight = train(_cfg(tmp_path / "a", augment), quiet=True)  # 8 steps = 2 epochs of 4 batches
 
     class Crash(RuntimeError):
         pass
@@ -57,7 +61,7 @@ def test_resume_is_exact(tmp_path):
         if step == 5:
             raise Crash
 
-    cfg_b = _cfg(tmp_path / "b", ckpt_every=2)
+    cfg_b = _cfg(tmp_path / "b", augment, ckpt_every=2)
     with pytest.raises(Crash):
         train(cfg_b, step_callback=crash_at_5, quiet=True)
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 4

@@ -1,0 +1,114 @@
+"""Training-time augmentation of a batch: SpecAugment masks, a vocal-tract-like mel warp, f0 scaling.
+
+The corpus's test split holds voices the model never hears in training, so the augmentations
+target what differs between voices: formant positions (the mel warp, as VTLP stretches the
+frequency axis), pitch range (f0 scaling) and, as SpecAugment, missing bands and stretches.
+Every draw comes from a generator seeded by (run seed, step), so a resumed run sees the very
+same augmented batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AugmentConfig:
+    """Per-utterance augmentation; all off by default.
+
+    ``freq_masks`` masks of up to ``freq_width`` mel bins and ``time_masks`` masks of up to
+    ``time_width`` x the utterance's length, filled with the utterance's mean; ``mel_warp``:
+    the mel axis stretched by a factor drawn from ``[1 - w, 1 + w]``; ``f0_scale``: frame and
+    token f0 multiplied by a factor from ``[1 - s, 1 + s]``.
+    """
+
+    freq_masks: int = 0
+    freq_width: int = 15
+    time_masks: int = 0
+    time_width: float = 0.05
+    mel_warp: float = 0.0
+    f0_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("freq_masks", "freq_width", "time_masks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("time_width", "mel_warp", "f0_scale"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"augment.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.freq_masks or self.time_masks or self.mel_warp or self.f0_scale)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one training step's draws (a function of the seed and step alone)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _uniform(n: int, half_width: float, gen: torch.Generator) -> Tensor:
+    """``n`` factors drawn from ``[1 - w, 1 + w]``."""
+    return 1.0 + half_width * (2.0 * torch.rand(n, generator=gen) - 1.0)
+
+
+def warp_mel(mel: Tensor, factors: Tensor) -> Tensor:
+    """Stretch each utterance's mel axis: output bin m reads input bin m / factor (linear interpolation).
+
+    mel ``[B, T, M]``, factors ``[B]`` (> 1 moves energy up, as a shorter vocal tract does).
+    """
+    bins = mel.shape[-1]
+    src = (torch.arange(bins, dtype=torch.float32)[None] / factors[:, None]).clamp(max=bins - 1).to(mel.device)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=bins - 1)
+    frac = (src - lo).to(mel.dtype)[:, None, :]
+    lo, hi = (i[:, None, :].expand(-1, mel.shape[1], -1) for i in (lo, hi))
+    return mel.gather(2, lo) * (1 - frac) + mel.gather(2, hi) * frac
+
+
+def _mask_spans(count: int, max_width: Tensor, limit: Tensor, gen: torch.Generator) -> list[list[tuple[int, int]]]:
+    """Per utterance, ``count`` spans ``[start, start + width)`` with width <= max_width inside ``[0, limit)``."""
+    spans = []
+    for b in range(limit.shape[0]):
+        mine = []
+        for _ in range(count):
+            width = int(torch.randint(0, int(max_width[b]) + 1, (1,), generator=gen))
+            start = int(torch.randint(0, max(int(limit[b]) - width, 0) + 1, (1,), generator=gen))
+            mine.append((start, min(start + width, int(limit[b]))))
+        spans.append(mine)
+    return spans
+
+
+def augment_batch(inputs: dict[str, Tensor], cfg: AugmentConfig, gen: torch.Generator) -> dict[str, Tensor]:
+    """Augmented copy of :func:`echo.train.batch_inputs`'s dict (mel ``[B, T, M]``, f0, token_f0, lengths).
+
+    Padding stays as it was (frames past ``mel_lengths`` are never unmasked or filled).
+    """
+    if not cfg.enabled:
+        return inputs
+    out = dict(inputs)
+    mel = inputs["mel"]
+    batch, _, bins = mel.shape
+    lengths = inputs["mel_lengths"].cpu()
+    if cfg.mel_warp:
+        mel = warp_mel(mel, _uniform(batch, cfg.mel_warp, gen))
+    if cfg.f0_scale:
+        scale = _uniform(batch, cfg.f0_scale, gen).to(mel.device)
+        out["f0"] = inputs["f0"] * scale[:, None]
+        out["token_f0"] = inputs["token_f0"] * scale[:, None]
+    if cfg.freq_masks or cfg.time_masks:
+        mel = mel.clone()
+        freq = _mask_spans(cfg.freq_masks, torch.full((batch,), cfg.freq_width), torch.full((batch,), bins), gen)
+        time = _mask_spans(cfg.time_masks, (lengths.float() * cfg.time_width).long(), lengths, gen)
+        for b in range(batch):
+            valid = mel[b, : int(lengths[b])]
+            fill = valid.mean() if valid.numel() else 0.0
+            for lo, hi in freq[b]:
+                valid[:, lo:hi] = fill
+            for lo, hi in time[b]:
+                valid[lo:hi] = fill
+    out["mel"] = mel
+    return out

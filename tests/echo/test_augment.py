@@ -1,0 +1,74 @@
+"""Batch augmentation: masks stay inside each utterance, the warp and f0 scale do what they say,
+draws depend only on (seed, step), bad settings are named."""
+
+import pytest
+import torch
+
+from echo.augment import AugmentConfig, augment_batch, step_generator, warp_mel
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mel = torch.randn(3, 50, 20, generator=gen)
+    lengths = torch.tensor([50, 31, 12])
+    for b, n in enumerate(lengths):
+        mel[b, n:] = 0
+    f0 = torch.where(torch.rand(3, 50, generator=gen) < 0.6, 100 + 100 * torch.rand(3, 50, generator=gen),
+                     torch.zeros(3, 50))
+    token_f0 = torch.tensor([[120.0, 0.0, 150.0], [0.0, 0.0, 0.0], [90.0, 110.0, 0.0]])
+    return {"mel": mel, "mel_lengths": lengths, "f0": f0, "token_f0": token_f0, "tokens": torch.zeros(3, 3).long()}
+
+
+def test_disabled_is_identity():
+    inputs = _inputs()
+    assert augment_batch(inputs, AugmentConfig(), step_generator(0, 0)) is inputs
+
+
+def test_masks_stay_inside_each_utterance_and_padding_is_untouched():
+    inputs = _inputs()
+    cfg = AugmentConfig(freq_masks=2, freq_width=6, time_masks=2, time_width=0.2)
+    out = augment_batch(inputs, cfg, step_generator(0, 3))
+    changed = out["mel"] != inputs["mel"]
+    assert changed.any()
+    for b, n in enumerate(inputs["mel_lengths"]):
+        assert not changed[b, n:].any()  # padding frames keep their zeros
+        assert torch.equal(out["mel"][b, n:], inputs["mel"][b, n:])
+    assert inputs["mel"].abs().sum() > 0 and torch.equal(out["f0"], inputs["f0"])
+
+
+def test_same_seed_and_step_give_the_same_draws():
+    cfg = AugmentConfig(freq_masks=2, time_masks=2, mel_warp=0.1, f0_scale=0.1)
+    a = augment_batch(_inputs(), cfg, step_generator(7, 11))
+    b = augment_batch(_inputs(), cfg, step_generator(7, 11))
+    c = augment_batch(_inputs(), cfg, step_generator(7, 12))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["mel"], c["mel"])
+
+
+def test_f0_scale_keeps_unvoiced_frames_at_zero_and_scales_each_utterance_once():
+    inputs = _inputs()
+    out = augment_batch(inputs, AugmentConfig(f0_scale=0.2), step_generator(1, 0))
+    voiced = inputs["f0"] > 0
+    assert torch.equal(out["f0"] == 0, ~voiced)
+    ratio = out["f0"][voiced] / inputs["f0"][voiced]
+    for b in range(3):
+        r = out["f0"][b][voiced[b]] / inputs["f0"][b][voiced[b]]
+        assert torch.allclose(r, r[0].expand_as(r)) and 0.8 <= r[0] <= 1.2
+        tok = inputs["token_f0"][b] > 0
+        if tok.any():
+            assert torch.allclose(out["token_f0"][b][tok] / inputs["token_f0"][b][tok], r[0].expand(int(tok.sum())))
+    assert ratio.numel() > 0
+
+
+def test_warp_by_one_is_identity_and_a_stretch_moves_a_peak_up():
+    mel = torch.zeros(2, 4, 40)
+    mel[:, :, 10] = 1.0
+    assert torch.allclose(warp_mel(mel, torch.ones(2)), mel)
+    warped = warp_mel(mel, torch.tensor([1.2, 0.8]))
+    assert warped[0, 0].argmax() == 12 and warped[1, 0].argmax() == 8
+
+
+@pytest.mark.parametrize("kw", [{"freq_masks": -1}, {"time_width": 1.5}, {"mel_warp": -0.1}])
+def test_bad_settings_are_named(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        AugmentConfig(**kw)
