@@ -9,9 +9,9 @@ Conventions (every kernel):
 * q/k/v/o and their gradients are contiguous ``[B, heads, T, D]``; a token's row starts
   at ``((b * heads + head) * T + t) * D``. Offsets are built in int64.
 * Rotated rows ("q~", "k~": ``radius * R(phi) x``) keep the interleaved layout of the
-  inputs (pair m in columns 2m, 2m + 1), in the input dtype. Keys are rotated once per
-  call by ``rotate_kernel`` into a buffer, so the attention loops stream plain tiles and
-  a score is one ``tl.dot(q~, k~^T)`` over the full head dim.
+  inputs (pair m in columns 2m, 2m + 1), in the input dtype. Queries and keys are
+  rotated once per call by ``rotate_kernel`` into buffers, so the attention loops load
+  plain tiles and a score is one ``tl.dot(q~, k~^T)`` over the full head dim.
 * Gradients through the rotation are taken once per program, on two ``[BLOCK, P]`` half
   tiles (P = D / 2): the even and the odd columns.
 * Feature vectors are contiguous float32 ``[B, T]``.
