@@ -60,20 +60,24 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     args = parser.parse_args()
     default = configs.backward_config
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
     for dim in args.dims:
         for causal in (False, True):
             shape = Shape("tune", 4, 16, 16, args.length, args.length, dim, causal)
             step = fwd_bwd_step(make_inputs(shape, torch.bfloat16, requires_grad=True))
-            stages = default(dim, 90)["dq"]["num_stages"]
-            for dkdv, dq, warps in CANDIDATES:
-                configs.backward_config = table(dkdv, dq, warps, stages)
-                try:
-                    ms = f"{median_ms(step):8.2f} ms"
-                except (OutOfResources, RuntimeError) as exc:  # a tile too big for shared memory or registers
-                    ms = f"failed ({type(exc).__name__})"
-                print(f"D={dim} causal={causal} dkdv={dkdv} dq={dq} warps={warps}: {ms}", flush=True)
-            configs.backward_config = default
-            print(f"D={dim} causal={causal} table now {default(dim, 90)}", flush=True)
+            stages = default(dim, arch)["dq"]["num_stages"]
+            try:
+                for dkdv, dq, warps in CANDIDATES:
+                    configs.backward_config = table(dkdv, dq, warps, stages)
+                    try:
+                        ms = f"{median_ms(step):8.2f} ms"
+                    except (OutOfResources, RuntimeError) as exc:  # a tile too big for shared memory or registers
+                        ms = f"failed ({type(exc).__name__})"
+                    print(f"D={dim} causal={causal} dkdv={dkdv} dq={dq} warps={warps}: {ms}", flush=True)
+            finally:
+                configs.backward_config = default
+            print(f"D={dim} causal={causal} table now {default(dim, arch)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ class AugmentConfig:
         return bool(self.freq_masks or self.time_masks or self.mel_warp or self.f0_scale)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of one training step's draws (a function of the seed and step alone)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of one training step's draws on one process: a function of (seed, step, rank)
+    alone, so resuming reproduces the draws and DDP ranks draw differently."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
 
 
 def _uniform(n: int, half_width: float, gen: torch.Generator) -> Tensor:
@@ -61,7 +62,8 @@ def warp_mel(mel: Tensor, factors: Tensor) -> Tensor:
     mel ``[B, T, M]``, factors ``[B]`` (> 1 moves energy up, as a shorter vocal tract does).
     """
     bins = mel.shape[-1]
-    src = (torch.arange(bins, dtype=torch.float32)[None] / factors[:, None]).clamp(max=bins - 1).to(mel.device)
+    factors = factors.to(mel.device)
+    src = (torch.arange(bins, dtype=torch.float32, device=mel.device)[None] / factors[:, None]).clamp(max=bins - 1)
     lo = src.floor().long()
     hi = (lo + 1).clamp(max=bins - 1)
     frac = (src - lo).to(mel.dtype)[:, None, :]
@@ -92,7 +94,6 @@ def augment_batch(inputs: dict[str, Tensor], cfg: AugmentConfig, gen: torch.Gene
     out = dict(inputs)
     mel = inputs["mel"]
     batch, _, bins = mel.shape
-    lengths = inputs["mel_lengths"].cpu()
     if cfg.mel_warp:
         mel = warp_mel(mel, _uniform(batch, cfg.mel_warp, gen))
     if cfg.f0_scale:
@@ -100,7 +101,9 @@ def augment_batch(inputs: dict[str, Tensor], cfg: AugmentConfig, gen: torch.Gene
         out["f0"] = inputs["f0"] * scale[:, None]
         out["token_f0"] = inputs["token_f0"] * scale[:, None]
     if cfg.freq_masks or cfg.time_masks:
-        mel = mel.clone()
+        lengths = inputs["mel_lengths"].cpu()
+        if mel is inputs["mel"]:  # the warp already made a new tensor
+            mel = mel.clone()
         freq = _mask_spans(cfg.freq_masks, torch.full((batch,), cfg.freq_width), torch.full((batch,), bins), gen)
         time = _mask_spans(cfg.time_masks, (lengths.float() * cfg.time_width).long(), lengths, gen)
         for b in range(batch):

@@ -435,7 +435,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                             generator=torch.Generator().manual_seed(tc.seed))
         for batch in loader:
             model.train()
-            inputs = augment_batch(batch_inputs(batch, device), cfg.augment, step_generator(tc.seed, step))
+            inputs = augment_batch(batch_inputs(batch, device), cfg.augment, step_generator(tc.seed, step, rank))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = ddp_model(**inputs)
             loss = out["loss"]

@@ -106,8 +106,6 @@ def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-
-
 def _rotated(x: Tensor, features: list[Tensor], lengths: Tensor) -> Tensor:
     """``radius * R(phi) x`` per token, ``[B, heads, T, D]`` in x's dtype; tokens past a length are 0.
 

@@ -152,7 +152,7 @@ def dkdv_kernel(
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
             if BIAS != 0:
                 _f_alpha, _f_beta, f_pair = pitch_bias_grad_factors(
-                    weight, pitch_q, pitch_k, voiced_q, voiced_k, alpha, beta, BIAS
+                    weight, pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS
                 )
                 dpitch_k -= tl.sum(ds_t * f_pair, axis=1)
 
@@ -248,7 +248,7 @@ def dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         if BIAS != 0:
             f_alpha, f_beta, f_pair = pitch_bias_grad_factors(
-                weight, pitch_q, pitch_k, voiced_q, voiced_k, alpha, beta, BIAS
+                weight, pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS
             )
             dalpha += tl.sum(ds * f_alpha, axis=1)
             dbeta += tl.sum(ds * f_beta, axis=1)

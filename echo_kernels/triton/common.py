@@ -196,7 +196,7 @@ def pitch_bias_log2(weight, alpha, beta, BIAS: tl.constexpr):
 
 
 @triton.jit
-def pitch_bias_grad_factors(weight, pitch_q, pitch_k, voiced_q, voiced_k, alpha, beta, BIAS: tl.constexpr):
+def pitch_bias_grad_factors(weight, pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS: tl.constexpr):
     """The bias gradient per unit of ``ds = dL/dscores`` (natural units), as ``chunked.bias_block_grads``.
 
     The bias gradients are linear in ds, so a caller forms ``ds * factor`` and sums.

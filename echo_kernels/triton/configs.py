@@ -43,8 +43,9 @@ def backward_config(head_dim: int, arch: int) -> dict:
     The tile shapes fix the order in which the backward sums over tokens. A timing-based
     choice could differ between two processes and so change the last bits of the
     gradients; a table keyed on (head dim, GPU generation) keeps the backward bitwise
-    reproducible on a given device. As in FlashAttention-2, the resident side gets the
-    bigger tile (keys in dK/dV, queries in dQ) and the streamed side a smaller one.
+    reproducible on a given device. For D <= 64, as in FlashAttention-2, the resident
+    side gets the bigger tile (keys in dK/dV, queries in dQ); larger D keeps small tiles
+    on both sides to limit register spills.
     ``arch``: compute capability x 10 (80 = A100, 90 = H100). Returns
     ``{"dkdv": {...}, "dq": {...}}`` of BLOCK_M, BLOCK_N, num_warps, num_stages.
     """

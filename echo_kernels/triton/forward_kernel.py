@@ -1,4 +1,4 @@
-"""Forward kernels: the key rotation, then flash-style vRoPE attention with the pitch bias on the fly.
+"""The rotation kernel (q~, k~ for the forward and the backward) and the flash-style forward.
 
 ``rotate_kernel`` writes ``radius * R(phi) x`` once per token (O(T D) work and memory), so
 the attention kernels load rotated tiles as plain rows: no sines or cosines in any
@@ -45,7 +45,9 @@ def rotate_kernel(X, XR, Pos, LogTheta, Radius, Lengths, heads, T,
     length = tl.load(Lengths + b)
     rows = row_offsets(b, head, heads, T, offs_t)
     feat_offs = b.to(tl.int64) * T + offs_t
-    rotated = load_rotated(X, rows, Pos, LogTheta, Radius, feat_offs, offs_t < length, BLOCK, HEAD_DIM)
+    # min(length, T): a length past T (unchecked under torch.compile) must not read past X.
+    valid = offs_t < tl.minimum(length, T)
+    rotated = load_rotated(X, rows, Pos, LogTheta, Radius, feat_offs, valid, BLOCK, HEAD_DIM)
     store_rows(XR, rows, offs_t < T, rotated, HEAD_DIM)
 
 
@@ -180,7 +182,7 @@ def attention_fwd_kernel(
         HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, False,
     )
     acc, row_max, row_sum = attend_key_tiles(
-        acc, row_max, row_sum, q, offs_m, tl.maximum(full_end, 0), end_n, KR, V, PitchK, VoicedK, kv_base, fk_base,
+        acc, row_max, row_sum, q, offs_m, full_end, end_n, KR, V, PitchK, VoicedK, kv_base, fk_base,
         pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
         HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, True,
     )
