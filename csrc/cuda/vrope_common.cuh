@@ -22,6 +22,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/vrope_params.h"
 
@@ -357,6 +358,21 @@ __device__ FeatureGrad warp_unrotate_row(const float* g, float g_scale, const T*
 }
 
 // ---- launch helpers ----------------------------------------------------------------------------
+
+// Calls f(T{}, std::integral_constant<int, D>{}) for the element type and head dim the wrapper
+// admits (fp16 / bf16, D = 64 / 128): the one place that turns runtime values into the template
+// arguments of the kernels' launchers.
+template <typename F>
+void dispatch_type_and_dim(ElementType type, int head_dim, F&& f) {
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (type == ElementType::kFloat16) {
+    if (head_dim == 64) return f(__half{}, D64{});
+    return f(__half{}, D128{});
+  }
+  if (head_dim == 64) return f(__nv_bfloat16{}, D64{});
+  return f(__nv_bfloat16{}, D128{});
+}
 
 // Rotation prologue (vrope_rotate.cu): writes Params::q_rot and k_rot from q and k. One compiled
 // kernel serves the forward and the backward, so both see bitwise the same q~ and k~.

@@ -188,12 +188,9 @@ int forward_shared_memory_bytes(int head_dim) {
 
 void launch_forward(const Params& params, ElementType type, int head_dim, cudaStream_t stream) {
   launch_rotation(params, type, head_dim, stream);
-  if (type == ElementType::kFloat16) {
-    if (head_dim == 64) return run_forward<__half, 64>(params, stream);
-    return run_forward<__half, 128>(params, stream);
-  }
-  if (head_dim == 64) return run_forward<__nv_bfloat16, 64>(params, stream);
-  return run_forward<__nv_bfloat16, 128>(params, stream);
+  dispatch_type_and_dim(type, head_dim, [&](auto element, auto dim) {
+    run_forward<decltype(element), decltype(dim)::value>(params, stream);
+  });
 }
 
 }  // namespace vrope

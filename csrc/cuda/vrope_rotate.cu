@@ -115,12 +115,9 @@ void run_rotation(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 void launch_rotation(const Params& params, ElementType type, int head_dim, cudaStream_t stream) {
-  if (type == ElementType::kFloat16) {
-    if (head_dim == 64) return run_rotation<__half, 64>(params, stream);
-    return run_rotation<__half, 128>(params, stream);
-  }
-  if (head_dim == 64) return run_rotation<__nv_bfloat16, 64>(params, stream);
-  return run_rotation<__nv_bfloat16, 128>(params, stream);
+  dispatch_type_and_dim(type, head_dim, [&](auto element, auto dim) {
+    run_rotation<decltype(element), decltype(dim)::value>(params, stream);
+  });
 }
 
 }  // namespace vrope
