@@ -29,10 +29,11 @@ import triton.language as tl
 from .common import (
     LOG2E,
     allowed_tile,
+    bias_coefficient,
     load_rows,
-    pitch_bias_grad_factors,
-    pitch_bias_log2,
-    pitch_weight,
+    pair_weight,
+    pitch_grad_scales,
+    pitch_grad_tiles,
     row_offsets,
     score_tile,
     store_halves,
@@ -92,8 +93,8 @@ def dkdv_kernel(
     kv_heads = H // GROUPS
     b = pid_bh // kv_heads
     kv_head = pid_bh % kv_heads
-    q_len = tl.load(QLengths + b)
-    k_len = tl.load(KLengths + b)
+    q_len = tl.minimum(tl.load(QLengths + b), Tq)  # a length past T must not read past the tensors
+    k_len = tl.minimum(tl.load(KLengths + b), Tk)
     qk_scale = sm_scale * LOG2E
 
     start_n = pid_n * BLOCK_N
@@ -107,9 +108,10 @@ def dkdv_kernel(
     k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
     v = load_rows(V, k_rows, n_valid, HEAD_DIM)
     if BIAS != 0:
-        pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[:, None]
-        voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[:, None]
+        pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)
+        voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)
         beta = tl.load(Beta)
+        neg_beta_log2e = -beta * LOG2E
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -127,10 +129,11 @@ def dkdv_kernel(
         fq_offs = b.to(tl.int64) * Tq + offs_m
         allowed = allowed_tile(offs_m[None, :], offs_n[:, None], q_len, k_len, CAUSAL)
         if BIAS != 0:
-            pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)[None, :]
-            voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)[None, :]
+            # Keys are the rows here: the query's voicing is the column factor.
+            pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
+            voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
             # The pair weights are shared by the group's heads: one exponential per pair.
-            weight = pitch_weight(pitch_q, voiced_q, pitch_k, voiced_k, beta, BIAS)
+            weight = pair_weight(pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], neg_beta_log2e, BIAS)
         # The group's query heads in a fixed order: dK, dV of a shared kv head are summed
         # here, in registers, instead of with atomics.
         for g in range(GROUPS):
@@ -143,7 +146,7 @@ def dkdv_kernel(
             bias_log2 = 0.0
             if BIAS != 0:
                 alpha = tl.load(Alpha + h)
-                bias_log2 = pitch_bias_log2(weight, alpha, beta, BIAS)
+                bias_log2 = bias_coefficient(voiced_k, alpha, beta, BIAS)[:, None] * weight
             s_t = tl.where(allowed, score_tile(k, q, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
             p_t = tl.exp2(s_t - lse[None, :])
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -151,10 +154,11 @@ def dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
             if BIAS != 0:
-                _f_alpha, _f_beta, f_pair = pitch_bias_grad_factors(
-                    weight, pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS
+                _g_alpha, _g_beta, g_pitch = pitch_grad_tiles(
+                    weight, pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], BIAS
                 )
-                dpitch_k -= tl.sum(ds_t * f_pair, axis=1)
+                _s_alpha, _s_beta, s_pitch = pitch_grad_scales(voiced_k, alpha, beta, BIAS)
+                dpitch_k += s_pitch * tl.sum(ds_t * g_pitch, axis=1)
 
     in_bounds = offs_n < Tk
     # dV first: its registers are free before the pull-back below needs its own.
@@ -193,8 +197,8 @@ def dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     kv_head = h // GROUPS
-    q_len = tl.load(QLengths + b)
-    k_len = tl.load(KLengths + b)
+    q_len = tl.minimum(tl.load(QLengths + b), Tq)  # a length past T must not read past the tensors
+    k_len = tl.minimum(tl.load(KLengths + b), Tk)
     qk_scale = sm_scale * LOG2E
 
     start_m = pid_m * BLOCK_M
@@ -207,14 +211,17 @@ def dq_kernel(
     do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
     lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
     if BIAS != 0:
-        pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)[:, None]
-        voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)[:, None]
+        pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
+        voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
         alpha = tl.load(Alpha + h)
         beta = tl.load(Beta)
+        neg_beta_log2e = -beta * LOG2E
+        bias_coef_q = bias_coefficient(voiced_q, alpha, beta, BIAS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Bias row sums: sum_j ds * f for the three factors, sum_j p * f for the same factors
-    # and sum_j p * dp (see the delta correction after the loop).
+    # Bias row sums: sum_j ds * g for the three ``pitch_grad_tiles``, sum_j p * g for the
+    # same tiles and sum_j p * dp (see the delta correction after the loop); the row's
+    # ``pitch_grad_scales`` multiply them once at the end.
     dalpha = tl.zeros([BLOCK_M], tl.float32)
     dbeta = tl.zeros([BLOCK_M], tl.float32)
     dpitch_q = tl.zeros([BLOCK_M], tl.float32)
@@ -238,8 +245,8 @@ def dq_kernel(
         if BIAS != 0:
             pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[None, :]
             voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[None, :]
-            weight = pitch_weight(pitch_q, voiced_q, pitch_k, voiced_k, beta, BIAS)
-            bias_log2 = pitch_bias_log2(weight, alpha, beta, BIAS)
+            weight = pair_weight(pitch_q[:, None], pitch_k, voiced_k, neg_beta_log2e, BIAS)
+            bias_log2 = bias_coef_q[:, None] * weight
         allowed = allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL)
         s = tl.where(allowed, score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
         p = tl.exp2(s - lse[:, None])
@@ -247,15 +254,13 @@ def dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         if BIAS != 0:
-            f_alpha, f_beta, f_pair = pitch_bias_grad_factors(
-                weight, pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS
-            )
-            dalpha += tl.sum(ds * f_alpha, axis=1)
-            dbeta += tl.sum(ds * f_beta, axis=1)
-            dpitch_q += tl.sum(ds * f_pair, axis=1)
-            p_alpha += tl.sum(p * f_alpha, axis=1)
-            p_beta += tl.sum(p * f_beta, axis=1)
-            p_pitch += tl.sum(p * f_pair, axis=1)
+            g_alpha, g_beta, g_pitch = pitch_grad_tiles(weight, pitch_q[:, None], pitch_k, voiced_k, BIAS)
+            dalpha += tl.sum(ds * g_alpha, axis=1)
+            dbeta += tl.sum(ds * g_beta, axis=1)
+            dpitch_q += tl.sum(ds * g_pitch, axis=1)
+            p_alpha += tl.sum(p * g_alpha, axis=1)
+            p_beta += tl.sum(p * g_beta, axis=1)
+            p_pitch += tl.sum(p * g_pitch, axis=1)
             p_dp += tl.sum(p * dp, axis=1)
 
     if BIAS != 0:
@@ -264,9 +269,10 @@ def dq_kernel(
         # from the stored output, rounded to fp16/bf16; sum_j p dp = dO . O in float32 is
         # the value autograd uses. ds with the better delta is ds + p * (delta - p_dp).
         correction = delta - p_dp
-        dalpha += correction * p_alpha
-        dbeta += correction * p_beta
-        dpitch_q += correction * p_pitch
+        s_alpha, s_beta, s_pitch = pitch_grad_scales(voiced_q, alpha, beta, BIAS)
+        dalpha = s_alpha * (dalpha + correction * p_alpha)
+        dbeta = s_beta * (dbeta + correction * p_beta)
+        dpitch_q = s_pitch * (dpitch_q + correction * p_pitch)
 
     # dL/dq~ = scale * dS k~; pull it back through the query rotation.
     dq_even, dq_odd, dlog_theta, dradius = unrotate(

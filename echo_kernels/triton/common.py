@@ -37,9 +37,17 @@ def row_offsets(b, head, heads, length, offs_t):
 
 @triton.jit
 def load_rows(ptr, rows, mask, HEAD_DIM: tl.constexpr):
-    """``[BLOCK, D]`` rows ``rows`` (int64 row indices) in the stored dtype; masked rows read 0."""
+    """``[BLOCK, D]`` rows ``rows`` (int64 row indices) in the stored dtype; masked rows read 0.
+
+    ``mask=None``: every row is known to be in bounds (saves the predicate on each copy).
+    """
     offs_d = tl.arange(0, HEAD_DIM)
-    return tl.load(ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0.0)
+    ptrs = ptr + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if mask is None:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask[:, None], other=0.0)
+    return x
 
 
 @triton.jit
@@ -165,60 +173,79 @@ def allowed_tile(i, j, q_len, k_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def pitch_weight(pitch_q, voiced_q, pitch_k, voiced_k, beta, BIAS: tl.constexpr):
-    """The pair weight the bias is alpha times (1 = exp) or -alpha * beta times (2 = l1), float32.
+def pair_weight(pitch_row, pitch_col, voiced_col, neg_beta_log2e, BIAS: tl.constexpr):
+    """The pair weight ``w`` (float32) without the row token's voicing.
 
-    exp: ``exp(-beta |dp|) v_i v_j``; l1: ``|dp| v_i v_j``. Computed once per tile and
-    shared by the bias and its gradient, so the backward pays one exponential per pair.
+    The bias is ``bias_coefficient(row) * w`` and the pitch-bias gradients are row sums
+    of ``pitch_grad_tiles`` times ``pitch_grad_scales(row)``: every factor that belongs to
+    the row token (its voicing, alpha, beta, log2 e) is applied once per row, not per pair.
+    exp: ``w = exp2(-beta log2(e) |dp|) v_col`` (``exp2``: no denormal fix-up, unlike
+    ``exp``); l1: ``w = |dp| v_col``. ``neg_beta_log2e = -beta * log2(e)``. Shared by
+    the bias and its gradient: one exponential per pair. (Folding the voicing into the
+    exponent as ``+ log2 v_col`` saves the multiply but costs a software log2 per column
+    and thread, more than it saves.)
 
     (Tried and measured slower on an H100: factoring the exp weight per token as
     ``min(2^-e_i 2^e_j, 2^e_i 2^-e_j)``, which needs a per-tile range check and branch;
     the forward went from 0.88 to 1.43 ms at T = 2048, see
     benchmarks/results/gpu-h100-20261126/README.md.)
     """
-    dist = tl.abs(pitch_q - pitch_k)
-    both = voiced_q * voiced_k
+    dist = tl.abs(pitch_row - pitch_col)
     if BIAS == 1:
-        weight = tl.exp(-beta * dist) * both
+        weight = tl.exp2(neg_beta_log2e * dist) * voiced_col
     else:
-        weight = dist * both
+        weight = dist * voiced_col
     return weight
 
 
 @triton.jit
-def pitch_bias_log2(weight, alpha, beta, BIAS: tl.constexpr):
-    """The bias tile in log2 units from ``pitch_weight`` (callers skip BIAS = 0)."""
+def bias_coefficient(voiced_row, alpha, beta, BIAS: tl.constexpr):
+    """Per-row factor (float32, shaped like ``voiced_row``) taking ``pair_weight`` to the bias in log2 units.
+
+    exp: ``alpha v_row log2(e)``; l1: ``-alpha beta v_row log2(e)``.
+    """
     if BIAS == 1:
-        bias = alpha * weight
+        coefficient = (alpha * LOG2E) * voiced_row
     else:
-        bias = -alpha * beta * weight
-    return bias * LOG2E
+        coefficient = (-alpha * beta * LOG2E) * voiced_row
+    return coefficient
 
 
 @triton.jit
-def pitch_bias_grad_factors(weight, pitch_q, voiced_q, pitch_k, voiced_k, alpha, beta, BIAS: tl.constexpr):
-    """The bias gradient per unit of ``ds = dL/dscores`` (natural units), as ``chunked.bias_block_grads``.
+def pitch_grad_tiles(weight, pitch_row, pitch_col, voiced_col, BIAS: tl.constexpr):
+    """Per-pair tiles ``(g_alpha, g_beta, g_pitch)`` of the bias gradient, without the row's factors.
 
-    The bias gradients are linear in ds, so a caller forms ``ds * factor`` and sums.
-    Returns float32 tiles ``(f_alpha, f_beta, f_pair)``: summed over keys, ``ds * f_alpha``
-    / ``ds * f_beta`` / ``ds * f_pair`` are a query row's share of dalpha_h / dbeta /
-    dpitch_q, and ``-ds * f_pair`` summed over queries is dpitch_k. d|x|/dx at 0 is 0
-    (pitch ties pass nothing), as torch.abs does. ``weight`` from ``pitch_weight``.
+    With ``ds = dL/dscores`` (natural units), the row token's share of dalpha_h, dbeta and
+    dpitch_row is ``sum over columns (ds * g) * pitch_grad_scales(row)``: the gradients
+    are linear in ds, so a caller sums ``ds * g`` and scales once per row. Symmetric in
+    the roles: with queries as rows it gives dpitch_q, with keys as rows dpitch_k.
+    d|x|/dx at 0 is 0 (pitch ties pass nothing), as torch.abs does. ``weight`` from
+    ``pair_weight`` with the same rows and columns.
     """
-    delta = pitch_q - pitch_k
+    delta = pitch_row - pitch_col
     sign = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
     if BIAS == 1:
-        # weight = exp(-beta |dp|) v v: d/dalpha = weight, d/dbeta = -alpha |dp| weight.
-        f_alpha = weight
-        f_beta = -alpha * (weight * tl.abs(delta))
-        f_pair = -beta * alpha * weight * sign
+        # bias = alpha v_row w, w = v_col exp(-beta |dp|): d/dbeta brings -alpha |dp|,
+        # d/dpitch_row brings -alpha beta sign(dp).
+        g_beta = weight * tl.abs(delta)
+        g_pitch = weight * sign
     else:
-        # weight = |dp| v v: bias = -alpha beta weight.
-        both = voiced_q * voiced_k
-        f_alpha = -beta * weight
-        f_beta = -alpha * weight
-        f_pair = -beta * alpha * both * sign
-    return f_alpha, f_beta, f_pair
+        # bias = -alpha beta v_row w, w = |dp| v_col.
+        g_beta = weight
+        g_pitch = voiced_col * sign
+    return weight, g_beta, g_pitch
+
+
+@triton.jit
+def pitch_grad_scales(voiced_row, alpha, beta, BIAS: tl.constexpr):
+    """Per-row factors ``(s_alpha, s_beta, s_pitch)`` of ``pitch_grad_tiles``' row sums."""
+    s_pitch = (-alpha * beta) * voiced_row
+    if BIAS == 1:
+        s_alpha = voiced_row
+    else:
+        s_alpha = -beta * voiced_row
+    s_beta = -alpha * voiced_row
+    return s_alpha, s_beta, s_pitch
 
 
 @triton.jit

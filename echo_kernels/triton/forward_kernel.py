@@ -18,11 +18,12 @@ import triton.language as tl
 
 from .common import (
     LN2,
+    LOG2E,
     allowed_tile,
+    bias_coefficient,
     load_rotated,
     load_rows,
-    pitch_bias_log2,
-    pitch_weight,
+    pair_weight,
     row_offsets,
     score_tile,
     store_rows,
@@ -79,27 +80,36 @@ def unmasked_key_end(start_m, q_len, k_len, BLOCK_N: tl.constexpr, CAUSAL: tl.co
 def attend_key_tiles(
     acc, row_max, row_sum, q, offs_m, start, end,
     KR, V, PitchK, VoicedK, kv_base, fk_base,
-    pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
+    pitch_q, bias_coef_q, neg_beta_log2e, qk_scale, q_len, k_len,
     HEAD_DIM: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Online softmax over key tiles ``[start, end)``; returns the updated ``(acc, row_max, row_sum)``.
 
     ``kv_base`` / ``fk_base``: int64 row offset of key 0 of this (b, kv head) / feature
-    offset of key 0 of batch b. ``MASKED``: apply the length and causal mask (the tiles at
-    the edges); otherwise every pair in the range is known to be allowed.
+    offset of key 0 of batch b. ``bias_coef_q``: ``bias_coefficient`` of the query rows.
+    ``MASKED``: apply the length and causal mask (the tiles at the edges); otherwise
+    every pair in the range is known to be allowed and every key in bounds, so neither
+    the loads nor the scores carry a mask.
     """
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < k_len
         k_rows = kv_base + offs_n
-        k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
+        if MASKED:
+            n_valid = offs_n < k_len
+            k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
+        else:
+            k = load_rows(KR, k_rows, None, HEAD_DIM)
         bias_log2 = 0.0
         if BIAS != 0:
-            pitch_k = tl.load(PitchK + fk_base + offs_n, mask=n_valid, other=0.0)
-            voiced_k = tl.load(VoicedK + fk_base + offs_n, mask=n_valid, other=0.0)
-            weight = pitch_weight(pitch_q[:, None], voiced_q[:, None], pitch_k[None, :], voiced_k[None, :], beta, BIAS)
-            bias_log2 = pitch_bias_log2(weight, alpha, beta, BIAS)
+            if MASKED:
+                pitch_k = tl.load(PitchK + fk_base + offs_n, mask=n_valid, other=0.0)
+                voiced_k = tl.load(VoicedK + fk_base + offs_n, mask=n_valid, other=0.0)
+            else:
+                pitch_k = tl.load(PitchK + fk_base + offs_n)
+                voiced_k = tl.load(VoicedK + fk_base + offs_n)
+            weight = pair_weight(pitch_q[:, None], pitch_k[None, :], voiced_k[None, :], neg_beta_log2e, BIAS)
+            bias_log2 = bias_coef_q[:, None] * weight
         s = score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS)
         if MASKED:
             s = tl.where(allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
@@ -114,7 +124,10 @@ def attend_key_tiles(
         p = tl.exp2(s - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, axis=1)
-        v = load_rows(V, k_rows, n_valid, HEAD_DIM)
+        if MASKED:
+            v = load_rows(V, k_rows, n_valid, HEAD_DIM)
+        else:
+            v = load_rows(V, k_rows, None, HEAD_DIM)
         acc = acc * correction[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         row_max = new_max
@@ -148,8 +161,9 @@ def attention_fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     kv_head = h // GROUPS
-    q_len = tl.load(QLengths + b)
-    k_len = tl.load(KLengths + b)
+    # min(length, T): a length past T (unchecked under torch.compile) must not read past the tensors.
+    q_len = tl.minimum(tl.load(QLengths + b), Tq)
+    k_len = tl.minimum(tl.load(KLengths + b), Tk)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -159,14 +173,14 @@ def attention_fwd_kernel(
 
     q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
     pitch_q = tl.zeros([BLOCK_M], tl.float32)
-    voiced_q = tl.zeros([BLOCK_M], tl.float32)
-    alpha = 0.0
-    beta = 0.0
+    bias_coef_q = tl.zeros([BLOCK_M], tl.float32)
+    neg_beta_log2e = 0.0
     if BIAS != 0:
         pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
         voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
-        alpha = tl.load(Alpha + h)
         beta = tl.load(Beta)
+        bias_coef_q = bias_coefficient(voiced_q, tl.load(Alpha + h), beta, BIAS)
+        neg_beta_log2e = -beta * LOG2E
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -178,12 +192,12 @@ def attention_fwd_kernel(
     full_end = tl.minimum(unmasked_key_end(start_m, q_len, k_len, BLOCK_N, CAUSAL), end_n)
     acc, row_max, row_sum = attend_key_tiles(
         acc, row_max, row_sum, q, offs_m, 0, full_end, KR, V, PitchK, VoicedK, kv_base, fk_base,
-        pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
+        pitch_q, bias_coef_q, neg_beta_log2e, qk_scale, q_len, k_len,
         HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, False,
     )
     acc, row_max, row_sum = attend_key_tiles(
         acc, row_max, row_sum, q, offs_m, full_end, end_n, KR, V, PitchK, VoicedK, kv_base, fk_base,
-        pitch_q, voiced_q, alpha, beta, qk_scale, q_len, k_len,
+        pitch_q, bias_coef_q, neg_beta_log2e, qk_scale, q_len, k_len,
         HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, True,
     )
 
