@@ -73,7 +73,7 @@ def profile(inp) -> str:
         for _ in range(3):
             forward_backward()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60)
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60)
 
 
 def main() -> None:
