@@ -40,7 +40,7 @@ from .common import (
     store_rows,
     unrotate,
 )
-from .forward_kernel import key_loop_end, unmasked_key_end
+from .forward_kernel import key_loop_end
 
 
 @triton.jit
@@ -60,73 +60,11 @@ def delta_kernel(Out, DOut, Delta, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.const
 
 @triton.jit
 def load_row_stats(Lse, Delta, rows, mask):
-    """``lse * log2(e)`` (+inf on empty rows, so that P = exp2(s - lse) = 0) and delta, ``[BLOCK_M]``.
-
-    ``mask=None``: every row is in bounds.
-    """
-    if mask is None:
-        lse = tl.load(Lse + rows)
-        delta = tl.load(Delta + rows)
-    else:
-        lse = tl.load(Lse + rows, mask=mask, other=float("-inf"))
-        delta = tl.load(Delta + rows, mask=mask, other=0.0)
+    """``lse * log2(e)`` (+inf on empty rows, so that P = exp2(s - lse) = 0) and delta, ``[BLOCK_M]``."""
+    lse = tl.load(Lse + rows, mask=mask, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + rows, mask=mask, other=0.0)
     return lse, delta
-
-
-@triton.jit
-def dkdv_query_tiles(
-    acc, k, v, offs_n, start, end,
-    QR, DOut, Lse, Delta, PitchQ, VoicedQ, b, h,
-    pitch_k, bias_coef_k, pitch_scale_k, neg_beta_log2e, qk_scale, H, Tq, q_len, k_len,
-    HEAD_DIM: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-):
-    """The dK/dV program's loop over the query tiles ``[start, end)`` of head ``h``; returns ``(dk, dv, dpitch_k)``.
-
-    ``acc``: ``(dk, dv, dpitch_k)`` so far. ``bias_coef_k`` / ``pitch_scale_k``: head h's
-    ``bias_coefficient`` and ``s_pitch`` of ``pitch_grad_scales`` for the key rows.
-    ``MASKED``: apply the length and causal mask and predicate the loads (the tiles at
-    the diagonal and at the query length); otherwise every pair is allowed and every
-    query row in bounds.
-    """
-    dk, dv, dpitch_k = acc
-    for start_m in range(start, end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        fq_offs = b.to(tl.int64) * Tq + offs_m
-        q_rows = row_offsets(b, h, H, Tq, offs_m)
-        if MASKED:
-            m_valid = offs_m < q_len
-        else:
-            m_valid = None
-        q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
-        do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
-        lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
-        bias_log2 = 0.0
-        if BIAS != 0:
-            # Keys are the rows here: the query's voicing is the column factor.
-            if MASKED:
-                pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
-                voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
-            else:
-                pitch_q = tl.load(PitchQ + fq_offs)
-                voiced_q = tl.load(VoicedQ + fq_offs)
-            weight = pair_weight(pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], neg_beta_log2e, BIAS)
-            bias_log2 = bias_coef_k[:, None] * weight
-        s_t = score_tile(k, q, qk_scale, bias_log2, DOT_PRECISION, BIAS)
-        if MASKED:
-            s_t = tl.where(allowed_tile(offs_m[None, :], offs_n[:, None], q_len, k_len, CAUSAL), s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if BIAS != 0:
-            _g_alpha, _g_beta, g_pitch = pitch_grad_tiles(
-                weight, pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], BIAS
-            )
-            dpitch_k += pitch_scale_k * tl.sum(ds_t * g_pitch, axis=1)
-    return dk, dv, dpitch_k
 
 
 @triton.jit
@@ -169,10 +107,6 @@ def dkdv_kernel(
     # forward's), so that dV and dK~ accumulate as plain dots without transposing P or dS.
     k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
     v = load_rows(V, k_rows, n_valid, HEAD_DIM)
-    pitch_k = tl.zeros([BLOCK_N], tl.float32)
-    voiced_k = tl.zeros([BLOCK_N], tl.float32)
-    beta = 0.0
-    neg_beta_log2e = 0.0
     if BIAS != 0:
         pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)
         voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)
@@ -189,27 +123,42 @@ def dkdv_kernel(
     if CAUSAL:
         start = tl.maximum(start_n - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
     end = tl.where(start_n < k_len, q_len, 0)
-
-    # The group's query heads one after the other (a fixed order): dK, dV of a shared kv
-    # head are summed here, in registers, instead of with atomics. Heads outside, query
-    # tiles inside, so that the tiles' loads pipeline (the exp weights are recomputed per
-    # head). One masked loop: splitting off unmasked interior tiles as in the forward
-    # made sm_90 spill (255 registers + 592 bytes of stack for two loops, 249 + 32 for one).
-    acc = (dk, dv, dpitch_k)
-    for g in range(GROUPS):
-        h = kv_head * GROUPS + g
-        bias_coef_k = tl.zeros([BLOCK_N], tl.float32)
-        pitch_scale_k = tl.zeros([BLOCK_N], tl.float32)
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < q_len
+        fq_offs = b.to(tl.int64) * Tq + offs_m
+        allowed = allowed_tile(offs_m[None, :], offs_n[:, None], q_len, k_len, CAUSAL)
         if BIAS != 0:
-            alpha = tl.load(Alpha + h)
-            bias_coef_k = bias_coefficient(voiced_k, alpha, beta, BIAS)
-            _s_alpha, _s_beta, pitch_scale_k = pitch_grad_scales(voiced_k, alpha, beta, BIAS)
-        acc = dkdv_query_tiles(
-            acc, k, v, offs_n, start, end, QR, DOut, Lse, Delta, PitchQ, VoicedQ, b, h,
-            pitch_k, bias_coef_k, pitch_scale_k, neg_beta_log2e, qk_scale, H, Tq, q_len, k_len,
-            HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_M, True,
-        )
-    dk, dv, dpitch_k = acc
+            # Keys are the rows here: the query's voicing is the column factor.
+            pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
+            voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
+            # The pair weights are shared by the group's heads: one exponential per pair.
+            weight = pair_weight(pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], neg_beta_log2e, BIAS)
+        # The group's query heads in a fixed order: dK, dV of a shared kv head are summed
+        # here, in registers, instead of with atomics.
+        for g in range(GROUPS):
+            h = kv_head * GROUPS + g
+            q_rows = row_offsets(b, h, H, Tq, offs_m)
+            q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
+            do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
+            lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
+
+            bias_log2 = 0.0
+            if BIAS != 0:
+                alpha = tl.load(Alpha + h)
+                bias_log2 = bias_coefficient(voiced_k, alpha, beta, BIAS)[:, None] * weight
+            s_t = tl.where(allowed, score_tile(k, q, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            if BIAS != 0:
+                _g_alpha, _g_beta, g_pitch = pitch_grad_tiles(
+                    weight, pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], BIAS
+                )
+                _s_alpha, _s_beta, s_pitch = pitch_grad_scales(voiced_k, alpha, beta, BIAS)
+                dpitch_k += s_pitch * tl.sum(ds_t * g_pitch, axis=1)
 
     in_bounds = offs_n < Tk
     # dV first: its registers are free before the pull-back below needs its own.
@@ -222,61 +171,6 @@ def dkdv_kernel(
     tl.store(DLogThetaK + k_rows, dlog_theta, mask=in_bounds)
     tl.store(DRadiusK + k_rows, dradius, mask=in_bounds)
     tl.store(DPitchK + k_rows, dpitch_k, mask=in_bounds)
-
-
-@triton.jit
-def dq_key_tiles(
-    dq, sums, q, do, lse, delta, offs_m, start, end,
-    KR, V, PitchK, VoicedK, kv_base, fk_base,
-    pitch_q, bias_coef_q, neg_beta_log2e, qk_scale, q_len, k_len,
-    HEAD_DIM: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-):
-    """The dQ program's loop over key tiles ``[start, end)``; returns the updated ``(dq, sums)``.
-
-    ``sums``: the row sums ``(dalpha, dbeta, dpitch_q, p_alpha, p_beta, p_pitch, p_dp)`` of
-    ``dq_kernel`` (unused without a bias). ``MASKED`` as in ``attend_key_tiles``: interior
-    tiles skip the length / causal mask and load without predicates. Padded query rows
-    need no mask: their lse is +inf, so their P and dS are 0.
-    """
-    dalpha, dbeta, dpitch_q, p_alpha, p_beta, p_pitch, p_dp = sums
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_rows = kv_base + offs_n
-        if MASKED:
-            n_valid = offs_n < k_len
-        else:
-            n_valid = None
-        k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
-        v = load_rows(V, k_rows, n_valid, HEAD_DIM)
-
-        bias_log2 = 0.0
-        if BIAS != 0:
-            if MASKED:
-                pitch_k = tl.load(PitchK + fk_base + offs_n, mask=n_valid, other=0.0)[None, :]
-                voiced_k = tl.load(VoicedK + fk_base + offs_n, mask=n_valid, other=0.0)[None, :]
-            else:
-                pitch_k = tl.load(PitchK + fk_base + offs_n)[None, :]
-                voiced_k = tl.load(VoicedK + fk_base + offs_n)[None, :]
-            weight = pair_weight(pitch_q[:, None], pitch_k, voiced_k, neg_beta_log2e, BIAS)
-            bias_log2 = bias_coef_q[:, None] * weight
-        s = score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS)
-        if MASKED:
-            s = tl.where(allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL), s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        if BIAS != 0:
-            g_alpha, g_beta, g_pitch = pitch_grad_tiles(weight, pitch_q[:, None], pitch_k, voiced_k, BIAS)
-            dalpha += tl.sum(ds * g_alpha, axis=1)
-            dbeta += tl.sum(ds * g_beta, axis=1)
-            dpitch_q += tl.sum(ds * g_pitch, axis=1)
-            p_alpha += tl.sum(p * g_alpha, axis=1)
-            p_beta += tl.sum(p * g_beta, axis=1)
-            p_pitch += tl.sum(p * g_pitch, axis=1)
-            p_dp += tl.sum(p * dp, axis=1)
-    return dq, (dalpha, dbeta, dpitch_q, p_alpha, p_beta, p_pitch, p_dp)
 
 
 @triton.jit
@@ -316,9 +210,6 @@ def dq_kernel(
     q = load_rows(QR, q_rows, m_valid, HEAD_DIM)
     do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
     lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
-    pitch_q = tl.zeros([BLOCK_M], tl.float32)
-    bias_coef_q = tl.zeros([BLOCK_M], tl.float32)
-    neg_beta_log2e = 0.0
     if BIAS != 0:
         pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
         voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
@@ -334,28 +225,43 @@ def dq_kernel(
     dalpha = tl.zeros([BLOCK_M], tl.float32)
     dbeta = tl.zeros([BLOCK_M], tl.float32)
     dpitch_q = tl.zeros([BLOCK_M], tl.float32)
-    p_alpha = tl.zeros([BLOCK_M], tl.float32)
-    p_beta = tl.zeros([BLOCK_M], tl.float32)
-    p_pitch = tl.zeros([BLOCK_M], tl.float32)
-    p_dp = tl.zeros([BLOCK_M], tl.float32)
+    if BIAS != 0:
+        p_alpha = tl.zeros([BLOCK_M], tl.float32)
+        p_beta = tl.zeros([BLOCK_M], tl.float32)
+        p_pitch = tl.zeros([BLOCK_M], tl.float32)
+        p_dp = tl.zeros([BLOCK_M], tl.float32)
 
     kv_base = row_offsets(b, kv_head, H // GROUPS, Tk, 0)
-    fk_base = b.to(tl.int64) * Tk
     end_n = key_loop_end(start_m, q_len, k_len, BLOCK_M, CAUSAL)
-    # As in the forward: interior key tiles carry no mask, the edge tiles do.
-    full_end = tl.minimum(unmasked_key_end(start_m, q_len, k_len, BLOCK_N, CAUSAL), end_n)
-    sums = (dalpha, dbeta, dpitch_q, p_alpha, p_beta, p_pitch, p_dp)
-    dq, sums = dq_key_tiles(
-        dq, sums, q, do, lse, delta, offs_m, 0, full_end, KR, V, PitchK, VoicedK, kv_base, fk_base,
-        pitch_q, bias_coef_q, neg_beta_log2e, qk_scale, q_len, k_len,
-        HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, False,
-    )
-    dq, sums = dq_key_tiles(
-        dq, sums, q, do, lse, delta, offs_m, full_end, end_n, KR, V, PitchK, VoicedK, kv_base, fk_base,
-        pitch_q, bias_coef_q, neg_beta_log2e, qk_scale, q_len, k_len,
-        HEAD_DIM, BIAS, CAUSAL, DOT_PRECISION, BLOCK_N, True,
-    )
-    dalpha, dbeta, dpitch_q, p_alpha, p_beta, p_pitch, p_dp = sums
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        k_rows = kv_base + offs_n
+        fk_offs = b.to(tl.int64) * Tk + offs_n
+        k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
+        v = load_rows(V, k_rows, n_valid, HEAD_DIM)
+
+        bias_log2 = 0.0
+        if BIAS != 0:
+            pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[None, :]
+            voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[None, :]
+            weight = pair_weight(pitch_q[:, None], pitch_k, voiced_k, neg_beta_log2e, BIAS)
+            bias_log2 = bias_coef_q[:, None] * weight
+        allowed = allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL)
+        s = tl.where(allowed, score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        if BIAS != 0:
+            g_alpha, g_beta, g_pitch = pitch_grad_tiles(weight, pitch_q[:, None], pitch_k, voiced_k, BIAS)
+            dalpha += tl.sum(ds * g_alpha, axis=1)
+            dbeta += tl.sum(ds * g_beta, axis=1)
+            dpitch_q += tl.sum(ds * g_pitch, axis=1)
+            p_alpha += tl.sum(p * g_alpha, axis=1)
+            p_beta += tl.sum(p * g_beta, axis=1)
+            p_pitch += tl.sum(p * g_pitch, axis=1)
+            p_dp += tl.sum(p * dp, axis=1)
 
     if BIAS != 0:
         # sum_j ds_ij = 0 in exact arithmetic, so these row sums, which add up over every
