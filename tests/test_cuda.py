@@ -193,9 +193,10 @@ def test_every_buffer_is_written():
 
 
 @KERNELS
-def test_auto_prefers_cuda_for_supported_inputs():
+def test_auto_prefers_the_faster_triton_and_cuda_serves_when_asked():
     q = torch.zeros(1, 2, 8, 64, device="cuda", dtype=F16)
-    assert dispatch.choose_backend("auto", q, q, q, 1, False) == "cuda"
+    assert dispatch.choose_backend("auto", q, q, q, 1, False) == "triton"
+    assert dispatch.choose_backend("cuda", q, q, q, 1, False) == "cuda"
     q32 = q.float()
     assert dispatch.choose_backend("auto", q32, q32, q32, 1, False) != "cuda"
     assert "float32" in cuda_backend.unsupported_reason(q32, q32, q32, 1, False)
