@@ -17,6 +17,7 @@ from triton.runtime.errors import OutOfResources
 
 from benchmarks.shapes import Shape, make_inputs
 from benchmarks.test_attention import method_fn
+from benchmarks.time_triton import median_ms
 from echo_kernels.triton import configs
 
 # (dK/dV BLOCK_M x BLOCK_N, dQ BLOCK_M x BLOCK_N, warps); stages as the table's.
@@ -40,20 +41,6 @@ def fwd_bwd_step(inp):
     return step
 
 
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4096)
@@ -71,7 +58,7 @@ def main() -> None:
                 for dkdv, dq, warps in CANDIDATES:
                     configs.backward_config = table(dkdv, dq, warps, stages)
                     try:
-                        ms = f"{median_ms(step):8.2f} ms"
+                        ms = f"{median_ms(step, repeats=7):8.2f} ms"
                     except (OutOfResources, RuntimeError) as exc:  # a tile too big for shared memory or registers
                         ms = f"failed ({type(exc).__name__})"
                     print(f"D={dim} causal={causal} dkdv={dkdv} dq={dq} warps={warps}: {ms}", flush=True)
