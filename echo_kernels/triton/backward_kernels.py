@@ -30,6 +30,7 @@ from .common import (
     LOG2E,
     allowed_tile,
     bias_coefficient,
+    load_pitch,
     load_rows,
     pair_weight,
     pitch_grad_scales,
@@ -108,8 +109,7 @@ def dkdv_kernel(
     k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
     v = load_rows(V, k_rows, n_valid, HEAD_DIM)
     if BIAS != 0:
-        pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)
-        voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)
+        pitch_k, voiced_k = load_pitch(PitchK, VoicedK, fk_offs, n_valid)
         beta = tl.load(Beta)
         neg_beta_log2e = -beta * LOG2E
 
@@ -130,8 +130,7 @@ def dkdv_kernel(
         allowed = allowed_tile(offs_m[None, :], offs_n[:, None], q_len, k_len, CAUSAL)
         if BIAS != 0:
             # Keys are the rows here: the query's voicing is the column factor.
-            pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
-            voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
+            pitch_q, voiced_q = load_pitch(PitchQ, VoicedQ, fq_offs, m_valid)
             # The pair weights are shared by the group's heads: one exponential per pair.
             weight = pair_weight(pitch_k[:, None], pitch_q[None, :], voiced_q[None, :], neg_beta_log2e, BIAS)
         # The group's query heads in a fixed order: dK, dV of a shared kv head are summed
@@ -211,8 +210,7 @@ def dq_kernel(
     do = load_rows(DOut, q_rows, m_valid, HEAD_DIM)
     lse, delta = load_row_stats(Lse, Delta, q_rows, m_valid)
     if BIAS != 0:
-        pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
-        voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
+        pitch_q, voiced_q = load_pitch(PitchQ, VoicedQ, fq_offs, m_valid)
         alpha = tl.load(Alpha + h)
         beta = tl.load(Beta)
         neg_beta_log2e = -beta * LOG2E
@@ -243,9 +241,8 @@ def dq_kernel(
 
         bias_log2 = 0.0
         if BIAS != 0:
-            pitch_k = tl.load(PitchK + fk_offs, mask=n_valid, other=0.0)[None, :]
-            voiced_k = tl.load(VoicedK + fk_offs, mask=n_valid, other=0.0)[None, :]
-            weight = pair_weight(pitch_q[:, None], pitch_k, voiced_k, neg_beta_log2e, BIAS)
+            pitch_k, voiced_k = load_pitch(PitchK, VoicedK, fk_offs, n_valid)
+            weight = pair_weight(pitch_q[:, None], pitch_k[None, :], voiced_k[None, :], neg_beta_log2e, BIAS)
             bias_log2 = bias_coef_q[:, None] * weight
         allowed = allowed_tile(offs_m[:, None], offs_n[None, :], q_len, k_len, CAUSAL)
         s = tl.where(allowed, score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS), float("-inf"))
@@ -254,7 +251,7 @@ def dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         if BIAS != 0:
-            g_alpha, g_beta, g_pitch = pitch_grad_tiles(weight, pitch_q[:, None], pitch_k, voiced_k, BIAS)
+            g_alpha, g_beta, g_pitch = pitch_grad_tiles(weight, pitch_q[:, None], pitch_k[None, :], voiced_k[None, :], BIAS)
             dalpha += tl.sum(ds * g_alpha, axis=1)
             dbeta += tl.sum(ds * g_beta, axis=1)
             dpitch_q += tl.sum(ds * g_pitch, axis=1)

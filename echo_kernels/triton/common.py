@@ -51,6 +51,21 @@ def load_rows(ptr, rows, mask, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def load_pitch(pitch_ptr, voiced_ptr, feat_offs, mask):
+    """``(pitch, voiced)`` float32 ``[BLOCK]`` at ``feat_offs``; masked tokens read 0 (unvoiced).
+
+    ``mask=None``: every token is known to be in bounds.
+    """
+    if mask is None:
+        pitch = tl.load(pitch_ptr + feat_offs)
+        voiced = tl.load(voiced_ptr + feat_offs)
+    else:
+        pitch = tl.load(pitch_ptr + feat_offs, mask=mask, other=0.0)
+        voiced = tl.load(voiced_ptr + feat_offs, mask=mask, other=0.0)
+    return pitch, voiced
+
+
+@triton.jit
 def store_rows(ptr, rows, mask, x, HEAD_DIM: tl.constexpr):
     """Write a ``[BLOCK, D]`` tile to rows ``rows``, cast to the buffer's dtype."""
     offs_d = tl.arange(0, HEAD_DIM)

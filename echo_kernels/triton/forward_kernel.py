@@ -21,6 +21,7 @@ from .common import (
     LOG2E,
     allowed_tile,
     bias_coefficient,
+    load_pitch,
     load_rotated,
     load_rows,
     pair_weight,
@@ -95,19 +96,13 @@ def attend_key_tiles(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_rows = kv_base + offs_n
+        n_valid = None  # interior tiles: every key in bounds, no predicates
         if MASKED:
             n_valid = offs_n < k_len
-            k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
-        else:
-            k = load_rows(KR, k_rows, None, HEAD_DIM)
+        k = load_rows(KR, k_rows, n_valid, HEAD_DIM)
         bias_log2 = 0.0
         if BIAS != 0:
-            if MASKED:
-                pitch_k = tl.load(PitchK + fk_base + offs_n, mask=n_valid, other=0.0)
-                voiced_k = tl.load(VoicedK + fk_base + offs_n, mask=n_valid, other=0.0)
-            else:
-                pitch_k = tl.load(PitchK + fk_base + offs_n)
-                voiced_k = tl.load(VoicedK + fk_base + offs_n)
+            pitch_k, voiced_k = load_pitch(PitchK + fk_base, VoicedK + fk_base, offs_n, n_valid)
             weight = pair_weight(pitch_q[:, None], pitch_k[None, :], voiced_k[None, :], neg_beta_log2e, BIAS)
             bias_log2 = bias_coef_q[:, None] * weight
         s = score_tile(q, k, qk_scale, bias_log2, DOT_PRECISION, BIAS)
@@ -124,10 +119,7 @@ def attend_key_tiles(
         p = tl.exp2(s - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, axis=1)
-        if MASKED:
-            v = load_rows(V, k_rows, n_valid, HEAD_DIM)
-        else:
-            v = load_rows(V, k_rows, None, HEAD_DIM)
+        v = load_rows(V, k_rows, n_valid, HEAD_DIM)
         acc = acc * correction[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         row_max = new_max
@@ -176,8 +168,7 @@ def attention_fwd_kernel(
     bias_coef_q = tl.zeros([BLOCK_M], tl.float32)
     neg_beta_log2e = 0.0
     if BIAS != 0:
-        pitch_q = tl.load(PitchQ + fq_offs, mask=m_valid, other=0.0)
-        voiced_q = tl.load(VoicedQ + fq_offs, mask=m_valid, other=0.0)
+        pitch_q, voiced_q = load_pitch(PitchQ, VoicedQ, fq_offs, m_valid)
         beta = tl.load(Beta)
         bias_coef_q = bias_coefficient(voiced_q, tl.load(Alpha + h), beta, BIAS)
         neg_beta_log2e = -beta * LOG2E
