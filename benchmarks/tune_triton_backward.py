@@ -16,8 +16,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from benchmarks.shapes import Shape, make_inputs
-from benchmarks.test_attention import method_fn
-from benchmarks.time_triton import median_ms
+from benchmarks.time_triton import median_ms, steps
 from echo_kernels.triton import configs
 
 # (dK/dV BLOCK_M x BLOCK_N, dQ BLOCK_M x BLOCK_N, warps); stages as the table's.
@@ -32,15 +31,6 @@ def table(dkdv, dq, warps, stages):
     return config
 
 
-def fwd_bwd_step(inp):
-    attention = method_fn("triton", inp)
-
-    def step():
-        attention().sum().backward()
-        inp.q.grad = inp.k.grad = inp.v.grad = None
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4096)
@@ -52,7 +42,7 @@ def main() -> None:
     for dim in args.dims:
         for causal in (False, True):
             shape = Shape("tune", 4, 16, 16, args.length, args.length, dim, causal)
-            step = fwd_bwd_step(make_inputs(shape, torch.bfloat16, requires_grad=True))
+            _, step = steps(make_inputs(shape, torch.bfloat16, requires_grad=True), "triton")
             stages = default(dim, arch)["dq"]["num_stages"]
             try:
                 for dkdv, dq, warps in CANDIDATES:
