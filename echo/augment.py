@@ -3,8 +3,8 @@
 The corpus's test split holds voices the model never hears in training, so the augmentations
 target what differs between voices: formant positions (the mel warp, as VTLP stretches the
 frequency axis), pitch range (f0 scaling) and, as SpecAugment, missing bands and stretches.
-Every draw comes from a generator seeded by (run seed, step), so a resumed run sees the very
-same augmented batches as an uninterrupted one.
+Every draw comes from a generator seeded by (run seed, step, process rank), so a resumed run
+sees the very same augmented batches as an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from echo.ctc_prefix import CTCPrefixScorer
 from echo.model import Echo, EncoderOutput, load_model
 
 
@@ -77,23 +78,32 @@ def _select(enc: EncoderOutput, index: Tensor) -> EncoderOutput:
 @torch.no_grad()
 def beam_search(
     model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 4,
-    max_len: int | None = None, length_penalty: float = 0.0,
+    max_len: int | None = None, length_penalty: float = 0.0, ctc_weight: float = 0.0,
 ) -> list[list[int]]:
     """Beam search per utterance (the beams are the batch of the cached decoder).
 
     Scores are summed log-probabilities; finished hypotheses are ranked by
     ``score / len ** length_penalty``. With ``length_penalty == 0`` the search stops as soon as the
     best finished hypothesis beats every live beam (scores only decrease), so ``beam=1`` is greedy.
+    ``ctc_weight`` > 0: joint CTC/attention decoding, each token scored
+    ``(1 - w) log p_att + w (change of the CTC prefix score)`` (:mod:`echo.ctc_prefix`).
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
     cfg = model.cfg
     enc_all = model.encode(mel, mel_lengths, f0 if cfg.pitch else None)
+    ctc_log_probs = _ctc_log_probs(model, enc_all) if ctc_weight > 0 else None
     results = []
     for b in range(mel.shape[0]):
         enc = _select(enc_all, torch.full((beam,), b, device=mel.device, dtype=torch.long))
         steps = _max_len(model, enc.lengths[:1], max_len)
         cache = model.init_cache(enc)
+        scorer = ctc_state = None
+        if ctc_log_probs is not None:
+            scorer = CTCPrefixScorer(ctc_log_probs[b, : int(enc_all.lengths[b])], cfg.pad_id, cfg.eos_id)
+            ctc_state = scorer.initial_state(beam)
         seqs: list[list[int]] = [[] for _ in range(beam)]
         last = torch.full((beam,), cfg.bos_id, dtype=torch.long, device=mel.device)
         last_f0 = torch.zeros(beam, device=mel.device)
@@ -103,7 +113,12 @@ def beam_search(
         for _ in range(steps):
             logits, cross = model.step(last, last_f0, enc, cache)
             est = model.estimate_token_f0(cross, enc)
-            total = scores[:, None] + logits.float().log_softmax(-1)
+            step_scores = logits.float().log_softmax(-1)
+            if scorer is not None:
+                ctc_scores, r_n, r_b = scorer.extend(ctc_state)
+                ctc_gain = (ctc_scores - ctc_state.score[:, None]).float()
+                step_scores = (1.0 - ctc_weight) * step_scores + ctc_weight * ctc_gain
+            total = scores[:, None] + step_scores
             top_scores, top_index = total.view(-1).topk(min(2 * beam, total.numel()))
             rows, new_seqs, new_last, new_scores = [], [], [], []
             for s, flat in zip(top_scores.tolist(), top_index.tolist()):
@@ -131,6 +146,8 @@ def beam_search(
             model.reorder_cache(cache, index)
             seqs = new_seqs
             last = torch.tensor(new_last, device=mel.device)
+            if scorer is not None:
+                ctc_state = scorer.select(index, last, ctc_scores, r_n, r_b)
             last_f0 = est.index_select(0, index) if est is not None else torch.zeros(beam, device=mel.device)
             scores = torch.tensor(new_scores, device=mel.device)
         if not finished:
@@ -140,12 +157,17 @@ def beam_search(
     return results
 
 
+def _ctc_log_probs(model: Echo, enc: EncoderOutput) -> Tensor:
+    """The CTC head's log-posteriors ``[B, T', V]`` (float32)."""
+    if model.ctc_head is None:
+        raise ValueError("CTC decoding needs a model trained with a CTC head (model.ctc_weight > 0)")
+    return model.ctc_head(enc.states).float().log_softmax(-1)
+
+
 def ctc_greedy_decode(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None) -> list[list[int]]:
     """Best path of the encoder's CTC head: per-frame argmax, repeats merged, blanks (the pad id) dropped."""
-    if model.ctc_head is None:
-        raise ValueError("decoder='ctc' needs a model trained with a CTC head (model.ctc_weight > 0)")
     enc = model.encode(mel, mel_lengths, f0 if model.cfg.pitch else None)
-    best = model.ctc_head(enc.states).argmax(-1)
+    best = _ctc_log_probs(model, enc).argmax(-1)
     result = []
     for path, length in zip(best.tolist(), enc.lengths.tolist()):
         ids, previous = [], None
@@ -157,24 +179,39 @@ def ctc_greedy_decode(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor 
     return result
 
 
-DECODERS = ("attention", "ctc")
+DECODERS = ("attention", "ctc", "joint")
+JOINT_CTC_WEIGHT = 0.5
 
 
 def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 1,
-                 max_len: int | None = None, decoder: str = "attention") -> list[list[int]]:
-    """Token ids for a padded batch: the attention decoder, greedy (``beam == 1``) or beam search, or
-    greedy CTC (``decoder="ctc"``, beam ignored)."""
+                 max_len: int | None = None, decoder: str = "attention",
+                 ctc_weight: float = JOINT_CTC_WEIGHT) -> list[list[int]]:
+    """Token ids for a padded batch: the attention decoder, greedy (``beam == 1``) or beam search;
+    greedy CTC (``decoder="ctc"``, beam ignored); or joint CTC/attention search (``decoder="joint"``,
+    ``beam`` hypotheses, the CTC prefix score weighted by ``ctc_weight``)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "ctc":
         return ctc_greedy_decode(model, mel, mel_lengths, f0)
+    if decoder == "joint":
+        return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len, ctc_weight=ctc_weight)
     if beam == 1:
         return greedy_decode(model, mel, mel_lengths, f0, max_len=max_len)
     return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len)
 
 
+def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--beam``, ``--decoder`` and ``--ctc-weight``, shared by ``transcribe`` and ``evaluate``."""
+    parser.add_argument("--beam", type=int, default=1, help="hypotheses kept (1 = greedy)")
+    parser.add_argument("--decoder", choices=DECODERS, default="attention",
+                        help="attention: autoregressive decoder; ctc: greedy CTC on the encoder; "
+                             "joint: attention and CTC prefix scores together")
+    parser.add_argument("--ctc-weight", type=float, default=JOINT_CTC_WEIGHT,
+                        help=f"weight of the CTC prefix score with --decoder joint (default {JOINT_CTC_WEIGHT})")
+
+
 def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu",
-                     decoder: str = "attention") -> list[str]:
+                     decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT) -> list[str]:
     """Transcripts of audio files with a trained checkpoint (one file at a time, no padding)."""
     from echo.audio import compute_features, load_audio
 
@@ -183,7 +220,7 @@ def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: i
     for path in paths:
         mel, f0 = compute_features(load_audio(path))
         ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
-                           f0[None].to(device), beam=beam, decoder=decoder)[0]
+                           f0[None].to(device), beam=beam, decoder=decoder, ctc_weight=ctc_weight)[0]
         texts.append(tokenizer.decode(ids))
     return texts
 
@@ -192,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m echo transcribe --checkpoint CKPT FILE.wav ...``"""
     p = argparse.ArgumentParser(prog="python -m echo transcribe", description="Transcribe audio files.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--beam", type=int, default=1, help="1 = greedy")
-    p.add_argument("--decoder", choices=DECODERS, default="attention", help="ctc: greedy CTC on the encoder")
+    add_decoder_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     for path, text in zip(args.files, transcribe_files(args.checkpoint, args.files, beam=args.beam,
-                                                       device=args.device, decoder=args.decoder)):
+                                                       device=args.device, decoder=args.decoder,
+                                                       ctc_weight=args.ctc_weight)):
         print(f"{path}\t{text}")
     sys.stdout.flush()
     return 0

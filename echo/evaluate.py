@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from echo.data.dataset import Collator
-from echo.decode import DECODERS, decode_batch
+from echo.decode import JOINT_CTC_WEIGHT, add_decoder_arguments, decode_batch
 from echo.model import Echo, load_model
 from echo.text import CharTokenizer, normalize_text
 
@@ -33,6 +33,7 @@ def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
 def evaluate_dataset(
     model: Echo, tokenizer: CharTokenizer, dataset: Dataset, *, batch_size: int = 32, beam: int = 1,
     device: torch.device | str = "cpu", progress: bool = True, decoder: str = "attention",
+    ctc_weight: float = JOINT_CTC_WEIGHT,
 ) -> dict[str, Any]:
     """Decode every utterance of a dataset of :class:`echo.data.dataset.Example` and score it.
 
@@ -47,7 +48,7 @@ def evaluate_dataset(
     refs, hyps = [], []
     for batch in tqdm(loader, desc="decode", disable=not progress, unit="batch"):
         b = batch.to(device)
-        ids = decode_batch(model, b.mel, b.mel_lengths, b.f0, beam=beam, decoder=decoder)
+        ids = decode_batch(model, b.mel, b.mel_lengths, b.f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight)
         hyps += [tokenizer.decode(x) for x in ids]
         refs += batch.texts
     model.train(was_training)
@@ -63,14 +64,15 @@ def evaluate_dataset(
 
 def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int = 1, batch_size: int = 32,
                       cache_dir: str | Path | None = None, errors_path: str | Path | None = None,
-                      device: str = "cpu", progress: bool = True, decoder: str = "attention") -> dict[str, Any]:
+                      device: str = "cpu", progress: bool = True, decoder: str = "attention",
+                      ctc_weight: float = JOINT_CTC_WEIGHT) -> dict[str, Any]:
     """Score a checkpoint on a manifest; optionally write per-utterance errors (TSV) to ``errors_path``."""
     from echo.data.dataset import SpeechDataset
 
     model, tokenizer = load_model(checkpoint, device)
     dataset = SpeechDataset(manifest, tokenizer, cache_dir=cache_dir)
     result = evaluate_dataset(model, tokenizer, dataset, batch_size=batch_size, beam=beam, device=device,
-                              progress=progress, decoder=decoder)
+                              progress=progress, decoder=decoder, ctc_weight=ctc_weight)
     if errors_path is not None:
         path = Path(errors_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,18 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m echo evaluate", description="WER/CER of a checkpoint on a manifest.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--manifest", required=True)
-    p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--decoder", choices=DECODERS, default="attention",
-                   help="attention: autoregressive decoder (greedy or --beam); ctc: greedy CTC on the encoder")
+    add_decoder_arguments(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")
     p.add_argument("--errors", default=None, help="per-utterance TSV (default: next to the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    suffix = ".ctc" if args.decoder == "ctc" else ""
+    suffix = "" if args.decoder == "attention" else f".{args.decoder}"
     errors = args.errors or f"{Path(args.checkpoint).with_suffix('')}.{Path(args.manifest).stem}{suffix}.errors.tsv"
     result = evaluate_manifest(args.checkpoint, args.manifest, beam=args.beam, batch_size=args.batch_size,
-                               cache_dir=args.cache_dir, errors_path=errors, device=args.device, decoder=args.decoder)
+                               cache_dir=args.cache_dir, errors_path=errors, device=args.device, decoder=args.decoder,
+                               ctc_weight=args.ctc_weight)
     print(f"WER {result['wer'] * 100:.2f}%  CER {result['cer'] * 100:.2f}%  ({result['utterances']} utterances)")
     print(f"per-utterance errors: {errors}")
     return 0

@@ -127,6 +127,9 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
                 "--errors", str(errors)]) == 0
     assert "WER" in capsys.readouterr().out
     assert len(errors.read_text().splitlines()) == 3
+    assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
+                "--decoder", "joint", "--beam", "2", "--ctc-weight", "0.4"]) == 0
+    assert "m.joint.errors.tsv" in capsys.readouterr().out
     maps = attention_maps(ckpt, tmp_path / "u1.wav")
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
 
@@ -148,9 +151,35 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
     assert ids == [[5, 5, 7], [5, 5, 7], [5, 5]]
 
 
+def test_joint_decoding_follows_a_confident_ctc_head_and_weight_zero_is_attention_beam_search():
+    m, mel, ml, f0 = _setup(seed=2)
+    blank = m.cfg.pad_id
+    path = [5, 5, blank, 5, 5, 7] + [blank] * 30
+
+    def confident_logits(states):
+        logits = torch.zeros(*states.shape[:2], m.cfg.vocab_size)
+        for t in range(states.shape[1]):
+            logits[:, t, path[t]] = 30.0
+        return logits
+
+    m.ctc_head.forward = confident_logits
+    ctc = decode_batch(m, mel, ml, f0, decoder="ctc")
+    for beam in (1, 3):
+        assert decode_batch(m, mel, ml, f0, decoder="joint", beam=beam, ctc_weight=1.0) == ctc
+        # A little attention does not overrule a CTC head this sure.
+        assert decode_batch(m, mel, ml, f0, decoder="joint", beam=beam, ctc_weight=0.9) == ctc
+    attention = decode_batch(m, mel, ml, f0, beam=3)
+    assert attention != ctc  # so that the equalities above say something
+    assert decode_batch(m, mel, ml, f0, decoder="joint", beam=3, ctc_weight=0.0) == attention
+
+
 def test_unknown_decoder_and_missing_ctc_head_are_refused():
     m, mel, ml, f0 = _setup(ctc_weight=0.0)
     with pytest.raises(ValueError, match="decoder must be one of"):
         decode_batch(m, mel, ml, f0, decoder="rnnt")
-    with pytest.raises(ValueError, match="CTC head"):
-        decode_batch(m, mel, ml, f0, decoder="ctc")
+    for decoder in ("ctc", "joint"):
+        with pytest.raises(ValueError, match="CTC head"):
+            decode_batch(m, mel, ml, f0, decoder=decoder)
+    m, mel, ml, f0 = _setup()
+    with pytest.raises(ValueError, match="ctc_weight"):
+        decode_batch(m, mel, ml, f0, decoder="joint", ctc_weight=1.5)
