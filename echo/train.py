@@ -498,6 +498,10 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     bar.close()
     if writer is not None:
         writer.close()
+    if world > 1:
+        # Every rank leaves together, so none tears its process group down while rank 0 still
+        # writes the last checkpoint (the likely cause of a gloo abort at exit seen once in CI).
+        dist.barrier()
     return {"step": step, "loss_history": history, "best_dev_cer": best_cer, "out_dir": str(out_dir),
             "minutes": (time.time() - t_start) / 60}
 
