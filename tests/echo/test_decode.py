@@ -134,18 +134,26 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
 
 
-def test_ctc_greedy_merges_repeats_and_drops_blanks():
-    m, mel, ml, f0 = _setup(seed=2)
+def _force_ctc_path(m, strength):
+    """Make the CTC head's frame-wise best path 5 5 blank 5 5 7 blank ..., by a logit margin ``strength``.
+
+    CTC reads it as "5 5 7" (a blank separates repeats).
+    """
     blank = m.cfg.pad_id
-    # Frame-wise best path 5 5 blank 5 5 7 blank ... : CTC reads "5 5 7" (a blank separates repeats).
     path = [5, 5, blank, 5, 5, 7] + [blank] * 30
+
     def fixed_logits(states):
         logits = torch.zeros(*states.shape[:2], m.cfg.vocab_size)
         for t in range(states.shape[1]):
-            logits[:, t, path[t]] = 1.0
+            logits[:, t, path[t]] = strength
         return logits
 
     m.ctc_head.forward = fixed_logits
+
+
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+    m, mel, ml, f0 = _setup(seed=2)
+    _force_ctc_path(m, 1.0)
     ids = decode_batch(m, mel, ml, f0, decoder="ctc")
     # Encoder lengths are (T + 1) // 2 = 15, 11 and 5 frames: the third stops before the 7.
     assert ids == [[5, 5, 7], [5, 5, 7], [5, 5]]
@@ -153,16 +161,7 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
 
 def test_joint_decoding_follows_a_confident_ctc_head_and_weight_zero_is_attention_beam_search():
     m, mel, ml, f0 = _setup(seed=2)
-    blank = m.cfg.pad_id
-    path = [5, 5, blank, 5, 5, 7] + [blank] * 30
-
-    def confident_logits(states):
-        logits = torch.zeros(*states.shape[:2], m.cfg.vocab_size)
-        for t in range(states.shape[1]):
-            logits[:, t, path[t]] = 30.0
-        return logits
-
-    m.ctc_head.forward = confident_logits
+    _force_ctc_path(m, 30.0)
     ctc = decode_batch(m, mel, ml, f0, decoder="ctc")
     for beam in (1, 3):
         assert decode_batch(m, mel, ml, f0, decoder="joint", beam=beam, ctc_weight=1.0) == ctc
