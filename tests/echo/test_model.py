@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from echo.model import Echo, EchoConfig, _heads, dense_attention_weights
+from echo.model import Dropout, Echo, EchoConfig, _heads, dense_attention_weights
 
 TINY = {"d_model": 32, "n_heads": 4, "enc_layers": 2, "dec_layers": 2, "ffn_dim": 64, "dropout": 0.0, "backend": "chunked"}
 
@@ -156,3 +156,21 @@ def test_plain_cross_attention_fast_path_matches_rope_attention():
                       causal=False, q_lengths=ql, k_lengths=kl)
     torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast[1, :3], ref[1, :3], atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_dropout_drops_k_over_256_and_keeps_the_expectation():
+    drop = Dropout(0.1)  # k = round(25.6) = 26 of 256
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 26 / 256) < 0.002
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 256 / 230))
+    assert abs(y.mean().item() - 1.0) < 0.003
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same scaled mask
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global generator decides (exact resume)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(Dropout(0.001).train()(x), x)  # rounds to k = 0: nothing dropped

@@ -30,6 +30,16 @@ def test_plan_is_deterministic_and_holds_out_test_voices(tmp_path) -> None:
         assert lo <= j.rate <= hi
 
 
+def test_training_espeak_voices_share_no_accent_or_variant_with_held_out_ones() -> None:
+    def parts(held_out: bool) -> tuple[set[str], set[str]]:
+        names = [v.name.split("+") for v in synth.VOICES if v.engine == "espeak-ng" and v.held_out == held_out]
+        return {accent for accent, _ in names}, {variant for _, variant in names}
+
+    (train_accents, train_variants), (held_accents, held_variants) = parts(False), parts(True)
+    assert held_accents and held_variants and len(train_variants) >= 12
+    assert not train_accents & held_accents and not train_variants & held_variants
+
+
 def test_engine_subset_without_held_out_voice_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="held-out"):
         synth.plan_jobs(tmp_path, {"train": 2, "dev": 0, "test": 2}, ["piper"], seed=0)
@@ -48,7 +58,7 @@ FAST = synth.available_engines(synth.FAST_ENGINES)
 
 
 @pytest.mark.skipif(not FAST, reason="no fast TTS engine installed "
-                    "(apt-get install -y flite espeak-ng festival festvox-kallpc16k ...)")
+                    "(apt-get install -y flite espeak-ng festival festvox-kallpc16k festvox-kdlpc16k ...)")
 def test_build_ten_utterances(tmp_path) -> None:
     engines = FAST
     # festival has no held-out voice, so with festival alone there is no test split.

@@ -50,9 +50,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
 
 
-@pytest.mark.parametrize("augment", [None, AUGMENT], ids=["plain", "augmented"])
-def test_resume_is_exact(tmp_path, augment):
-    straight = train(_cfg(tmp_path / "a", augment), quiet=True)  # 8 steps = 2 epochs of 4 batches
+@pytest.mark.parametrize("augment, extra", [(None, {}), (AUGMENT, {}), (None, {"ema_decay": 0.9})],
+                         ids=["plain", "augmented", "weight-average"])
+def test_resume_is_exact(tmp_path, augment, extra):
+    straight = train(_cfg(tmp_path / "a", augment, **extra), quiet=True)  # 8 steps = 2 epochs of 4 batches
 
     class Crash(RuntimeError):
         pass
@@ -61,7 +62,7 @@ def test_resume_is_exact(tmp_path, augment):
         if step == 5:
             raise Crash
 
-    cfg_b = _cfg(tmp_path / "b", augment, ckpt_every=2)
+    cfg_b = _cfg(tmp_path / "b", augment, ckpt_every=2, **extra)
     with pytest.raises(Crash):
         train(cfg_b, step_callback=crash_at_5, quiet=True)
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 4
@@ -72,6 +73,32 @@ def test_resume_is_exact(tmp_path, augment):
     assert a["step"] == b["step"] == 8
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if extra:
+        assert a["ema"]["updates"] == b["ema"]["updates"] == 8
+        assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+
+
+def test_weight_average_follows_the_ramped_decay_and_is_what_best_pt_holds(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    average = tr.WeightAverage(model, decay=0.99)
+    expected = model.weight.detach().clone()
+    for n in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        average.update(model)
+        decay = min(0.99, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        assert torch.allclose(average.model.weight, expected, atol=1e-6)
+    assert not any(p.requires_grad for p in average.model.parameters())
+
+    cfg = _cfg(tmp_path, ema_decay=0.9, eval_every=8, eval_max_utts=4, eval_decoder="joint")
+    cfg.model.ctc_weight = 0.3
+    train(cfg, quiet=True)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert "ema" not in best and best["step"] == last["step"] == 8
+    assert all(torch.equal(best["model"][k], last["ema"]["model"][k]) for k in best["model"])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
@@ -98,6 +125,10 @@ def test_bad_config_is_reported(tmp_path):
         config_from_dict({"optim": {}})
     with pytest.raises(ValueError):
         config_from_dict({"train": {"batch_size": 0}})
+    with pytest.raises(ValueError, match="train.eval_decoder must be one of"):
+        config_from_dict({"train": {"eval_decoder": "beam"}})
+    with pytest.raises(ValueError, match=r"train.ema_decay must be in \[0, 1\)"):
+        config_from_dict({"train": {"ema_decay": 1.0}})
     with pytest.raises(TypeError):
         config_from_dict({"model": [1, 2]})
     cfg_file = tmp_path / "c.yaml"
