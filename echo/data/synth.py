@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated subset of: " + ", ".join(ALL_ENGINES)
                    + "; 'available' = whichever are installed")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--no-features", action="store_true",
+                   help="skip filling the log-mel/f0 cache OUT/cache (else training computes it on first use)")
     args = p.parse_args(argv)
     if args.engines == "available":
         engines = available_engines()
@@ -455,7 +457,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"{min(d):.2f}-{max(d):.2f} s (median {sorted(d)[len(d) // 2]:.2f}), "
                   f"{len(spk)} speakers: {dict(sorted(spk.items()))}")
     print(f"built in {took:.1f} s")
+    if not args.no_features:
+        cache_features(Path(args.out), workers=args.workers)
     return 0
+
+
+def cache_features(corpus: Path, workers: int | None = None) -> None:
+    """Fill ``corpus/cache`` with every split's features, so training time is spent training."""
+    from echo.data.dataset import SpeechDataset
+
+    for split in SPLITS:
+        manifest = corpus / f"{split}.jsonl"
+        if manifest.exists():
+            SpeechDataset(manifest, cache_dir=corpus / "cache").build_cache(num_workers=workers or os.cpu_count() or 0)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,5 @@ def test_build_ten_utterances(tmp_path) -> None:
             assert 0.2 < abs(data).max() < 0.99  # levelled, not clipped
     meta = json.loads((tmp_path / "corpus.json").read_text())
     assert meta["seed"] == 1 and meta["engines"] == engines
+    synth.cache_features(tmp_path, workers=1)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == sum(counts.values())
