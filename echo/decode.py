@@ -16,6 +16,8 @@ from torch import Tensor
 
 from echo.ctc_prefix import CTCPrefixScorer
 from echo.model import Echo, EncoderOutput, load_model
+from echo.ngram import CharNgramLM
+from echo.text import CharTokenizer
 
 
 def _max_len(model: Echo, enc_lengths: Tensor, max_len: int | None) -> int:
@@ -79,19 +81,26 @@ def _select(enc: EncoderOutput, index: Tensor) -> EncoderOutput:
 def beam_search(
     model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 4,
     max_len: int | None = None, length_penalty: float = 0.0, ctc_weight: float = 0.0,
+    lm: CharNgramLM | None = None, lm_weight: float = 0.0,
 ) -> list[list[int]]:
     """Beam search per utterance (the beams are the batch of the cached decoder).
 
     Scores are summed log-probabilities; finished hypotheses are ranked by
     ``score / len ** length_penalty``. With ``length_penalty == 0`` the search stops as soon as the
-    best finished hypothesis beats every live beam (scores only decrease), so ``beam=1`` is greedy.
+    best finished hypothesis beats every live beam (scores only decrease). ``beam=1`` follows the
+    greedy path, and returns an earlier ending (``<eos>`` as the runner-up token) instead when that
+    scored higher than where the greedy path ends.
     ``ctc_weight`` > 0: joint CTC/attention decoding, each token scored
     ``(1 - w) log p_att + w (change of the CTC prefix score)`` (:mod:`echo.ctc_prefix`).
+    ``lm`` with ``lm_weight`` > 0: shallow fusion, ``lm_weight * log p_lm(token | prefix)`` added to
+    every token's score (:mod:`echo.ngram`).
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
     if not 0.0 <= ctc_weight <= 1.0:
         raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    if lm_weight < 0 or (lm_weight > 0 and lm is None):
+        raise ValueError(f"lm_weight must be >= 0 and needs an lm, got {lm_weight} with lm={lm!r}")
     cfg = model.cfg
     enc_all = model.encode(mel, mel_lengths, f0 if cfg.pitch else None)
     ctc_log_probs = _ctc_log_probs(model, enc_all) if ctc_weight > 0 else None
@@ -118,6 +127,8 @@ def beam_search(
                 ctc_scores, r_n, r_b = scorer.extend(ctc_state)
                 ctc_gain = (ctc_scores - ctc_state.score[:, None]).float()
                 step_scores = (1.0 - ctc_weight) * step_scores + ctc_weight * ctc_gain
+            if lm is not None and lm_weight > 0:
+                step_scores = step_scores + lm_weight * lm.log_probs(seqs).to(step_scores.device)
             total = scores[:, None] + step_scores
             top_scores, top_index = total.view(-1).topk(min(2 * beam, total.numel()))
             rows, new_seqs, new_last, new_scores = [], [], [], []
@@ -135,7 +146,10 @@ def beam_search(
                 if len(rows) == beam:
                     break
             best_finished = max((f[0] for f in finished), default=float("-inf"))
-            if not rows or len(finished) >= beam or (length_penalty == 0 and best_finished >= max(new_scores)):
+            # Scores only decrease, so with no length penalty a finished hypothesis that beats every
+            # live one is final; a penalty can favour longer ones later, so that search stops once
+            # it holds `beam` finished hypotheses.
+            if not rows or (best_finished >= max(new_scores) if length_penalty == 0 else len(finished) >= beam):
                 break
             while len(rows) < beam:  # pad with dead beams so the cache keeps its batch size
                 rows.append(rows[0])
@@ -181,23 +195,28 @@ def ctc_greedy_decode(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor 
 
 DECODERS = ("attention", "ctc", "joint")
 JOINT_CTC_WEIGHT = 0.5
+LM_WEIGHT = 0.3
 
 
 def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 1,
                  max_len: int | None = None, decoder: str = "attention",
-                 ctc_weight: float = JOINT_CTC_WEIGHT) -> list[list[int]]:
+                 ctc_weight: float = JOINT_CTC_WEIGHT, lm: CharNgramLM | None = None,
+                 lm_weight: float = 0.0) -> list[list[int]]:
     """Token ids for a padded batch: the attention decoder, greedy (``beam == 1``) or beam search;
     greedy CTC (``decoder="ctc"``, beam ignored); or joint CTC/attention search (``decoder="joint"``,
-    ``beam`` hypotheses, the CTC prefix score weighted by ``ctc_weight``)."""
+    ``beam`` hypotheses, the CTC prefix score weighted by ``ctc_weight``). ``lm``/``lm_weight``:
+    shallow fusion of a character n-gram into the attention or joint search."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    fusion = lm_weight > 0
     if decoder == "ctc":
+        if fusion:
+            raise ValueError("language-model fusion needs decoder 'attention' or 'joint' (greedy CTC has no search)")
         return ctc_greedy_decode(model, mel, mel_lengths, f0)
-    if decoder == "joint":
-        return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len, ctc_weight=ctc_weight)
-    if beam == 1:
+    if decoder == "attention" and beam == 1 and not fusion:
         return greedy_decode(model, mel, mel_lengths, f0, max_len=max_len)
-    return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len)
+    return beam_search(model, mel, mel_lengths, f0, beam=beam, max_len=max_len,
+                       ctc_weight=ctc_weight if decoder == "joint" else 0.0, lm=lm, lm_weight=lm_weight)
 
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,19 +227,33 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                              "joint: attention and CTC prefix scores together")
     parser.add_argument("--ctc-weight", type=float, default=JOINT_CTC_WEIGHT,
                         help=f"weight of the CTC prefix score with --decoder joint (default {JOINT_CTC_WEIGHT})")
+    parser.add_argument("--lm", default=None, metavar="FILE",
+                        help="fuse a character n-gram trained on FILE: a manifest (.jsonl; use the training "
+                             "split's, never the test's) or one sentence per line")
+    parser.add_argument("--lm-weight", type=float, default=LM_WEIGHT,
+                        help=f"weight of the n-gram's log-probabilities with --lm (default {LM_WEIGHT})")
+
+
+def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> CharNgramLM | None:
+    """The ``--lm`` argument as a :class:`CharNgramLM` (None stays None)."""
+    return None if path is None else CharNgramLM.from_file(path, tokenizer)
 
 
 def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu",
-                     decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT) -> list[str]:
-    """Transcripts of audio files with a trained checkpoint (one file at a time, no padding)."""
+                     decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT,
+                     lm: str | Path | None = None, lm_weight: float = LM_WEIGHT) -> list[str]:
+    """Transcripts of audio files with a trained checkpoint (one file at a time, no padding).
+    ``lm``: text to train the fused n-gram on (:func:`load_lm`), None for no fusion."""
     from echo.audio import compute_features, load_audio
 
     model, tokenizer = load_model(checkpoint, device)
+    ngram = load_lm(lm, tokenizer)
     texts = []
     for path in paths:
         mel, f0 = compute_features(load_audio(path))
         ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
-                           f0[None].to(device), beam=beam, decoder=decoder, ctc_weight=ctc_weight)[0]
+                           f0[None].to(device), beam=beam, decoder=decoder, ctc_weight=ctc_weight,
+                           lm=ngram, lm_weight=lm_weight if ngram is not None else 0.0)[0]
         texts.append(tokenizer.decode(ids))
     return texts
 
@@ -235,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for path, text in zip(args.files, transcribe_files(args.checkpoint, args.files, beam=args.beam,
                                                        device=args.device, decoder=args.decoder,
-                                                       ctc_weight=args.ctc_weight)):
+                                                       ctc_weight=args.ctc_weight, lm=args.lm,
+                                                       lm_weight=args.lm_weight)):
         print(f"{path}\t{text}")
     sys.stdout.flush()
     return 0

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from echo.data.dataset import Collator
-from echo.decode import JOINT_CTC_WEIGHT, add_decoder_arguments, decode_batch
+from echo.decode import JOINT_CTC_WEIGHT, LM_WEIGHT, add_decoder_arguments, decode_batch, load_lm
 from echo.model import Echo, load_model
+from echo.ngram import CharNgramLM
 from echo.text import CharTokenizer, normalize_text
 
 
@@ -33,7 +34,7 @@ def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
 def evaluate_dataset(
     model: Echo, tokenizer: CharTokenizer, dataset: Dataset, *, batch_size: int = 32, beam: int = 1,
     device: torch.device | str = "cpu", progress: bool = True, decoder: str = "attention",
-    ctc_weight: float = JOINT_CTC_WEIGHT,
+    ctc_weight: float = JOINT_CTC_WEIGHT, lm: CharNgramLM | None = None, lm_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Decode every utterance of a dataset of :class:`echo.data.dataset.Example` and score it.
 
@@ -48,7 +49,8 @@ def evaluate_dataset(
     refs, hyps = [], []
     for batch in tqdm(loader, desc="decode", disable=not progress, unit="batch"):
         b = batch.to(device)
-        ids = decode_batch(model, b.mel, b.mel_lengths, b.f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight)
+        ids = decode_batch(model, b.mel, b.mel_lengths, b.f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight,
+                           lm=lm, lm_weight=lm_weight)
         hyps += [tokenizer.decode(x) for x in ids]
         refs += batch.texts
     model.train(was_training)
@@ -65,14 +67,17 @@ def evaluate_dataset(
 def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int = 1, batch_size: int = 32,
                       cache_dir: str | Path | None = None, errors_path: str | Path | None = None,
                       device: str = "cpu", progress: bool = True, decoder: str = "attention",
-                      ctc_weight: float = JOINT_CTC_WEIGHT) -> dict[str, Any]:
+                      ctc_weight: float = JOINT_CTC_WEIGHT, lm: str | Path | None = None,
+                      lm_weight: float = LM_WEIGHT) -> dict[str, Any]:
     """Score a checkpoint on a manifest; optionally write per-utterance errors (TSV) to ``errors_path``."""
     from echo.data.dataset import SpeechDataset
 
     model, tokenizer = load_model(checkpoint, device)
+    ngram = load_lm(lm, tokenizer)
     dataset = SpeechDataset(manifest, tokenizer, cache_dir=cache_dir)
     result = evaluate_dataset(model, tokenizer, dataset, batch_size=batch_size, beam=beam, device=device,
-                              progress=progress, decoder=decoder, ctc_weight=ctc_weight)
+                              progress=progress, decoder=decoder, ctc_weight=ctc_weight, lm=ngram,
+                              lm_weight=lm_weight if ngram is not None else 0.0)
     if errors_path is not None:
         path = Path(errors_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = args.errors or f"{Path(args.checkpoint).with_suffix('')}.{Path(args.manifest).stem}{suffix}.errors.tsv"
     result = evaluate_manifest(args.checkpoint, args.manifest, beam=args.beam, batch_size=args.batch_size,
                                cache_dir=args.cache_dir, errors_path=errors, device=args.device, decoder=args.decoder,
-                               ctc_weight=args.ctc_weight)
+                               ctc_weight=args.ctc_weight, lm=args.lm, lm_weight=args.lm_weight)
     print(f"WER {result['wer'] * 100:.2f}%  CER {result['cer'] * 100:.2f}%  ({result['utterances']} utterances)")
     print(f"per-utterance errors: {errors}")
     return 0
