@@ -130,6 +130,12 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
     assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
                 "--decoder", "joint", "--beam", "2", "--ctc-weight", "0.4"]) == 0
     assert "m.joint.errors.tsv" in capsys.readouterr().out
+    assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
+                "--decoder", "joint", "--beam", "2", "--lm", str(tmp_path / "m.jsonl"), "--lm-weight", "0.2"]) == 0
+    assert "WER" in capsys.readouterr().out
+    assert cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", "--beam", "2",
+                "--lm", str(tmp_path / "m.jsonl"), str(tmp_path / "u0.wav")]) == 0
+    assert "u0.wav\t" in capsys.readouterr().out
     maps = attention_maps(ckpt, tmp_path / "u1.wav")
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
 
