@@ -49,14 +49,12 @@ class Trainer:
     def run(self, batches: list[dict[str, torch.Tensor]], first_step: int) -> int:
         """Steps over ``batches``; returns the mel frames processed."""
         from echo.augment import augment_batch, step_generator
+        from echo.train import optimizer_step
 
         frames = 0
         for n, batch in enumerate(batches):
             inputs = augment_batch(batch, self.cfg.augment, step_generator(self.cfg.train.seed, first_step + n, 0))
-            self.model(**inputs)["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(self.model, self.optimizer, inputs, self.cfg.train)
             frames += int(batch["mel_lengths"].sum())
         return frames
 

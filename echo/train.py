@@ -357,6 +357,22 @@ def _dist_setup(device_pref: str) -> tuple[int, int, torch.device]:
 # --- training --------------------------------------------------------------------------------
 
 
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor],
+                   tc: TrainConfig, *, forward: nn.Module | None = None, amp: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Forward, backward, gradient clipping (``tc.grad_clip`` > 0) and one optimiser step on
+    :func:`batch_inputs`-style ``inputs``; returns the model's outputs and the gradient norm (None
+    without clipping). ``forward``: the module to call (a DDP wrapper of ``model``); ``amp``: bf16
+    autocast."""
+    with torch.autocast(inputs["mel"].device.type, dtype=torch.bfloat16, enabled=amp):
+        out = (forward or model)(**inputs)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out, grad_norm
+
+
 class WeightAverage:
     """Exponential moving average of a model's parameters, held in a frozen copy of the model.
 
@@ -487,14 +503,9 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         for batch in loader:
             model.train()
             inputs = augment_batch(batch_inputs(batch, device), cfg.augment, step_generator(tc.seed, step, rank))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = ddp_model(**inputs)
+            out, grad_norm = optimizer_step(model, optimizer, inputs, tc, forward=ddp_model, amp=use_amp)
             loss = out["loss"]
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-            optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if average is not None:
                 average.update(model)
             step += 1
