@@ -9,6 +9,10 @@ Rounds alternate the backends (reference, cpu, reference, cpu, ...) so that a ma
 slows down mid-run hurts both alike; each round times ``--steps`` full optimiser steps after
 two warm-up steps and the table reports the median round. Prints frames/s per backend and the
 ratio to the first one.
+
+The pseudo-backend ``free`` replaces every pitch-attention call by ``q + k + v`` (no scores, no
+softmax, gradients still reach every projection): the throughput no attention kernel can beat,
+so ``free`` over ``reference`` is the ceiling of any kernel's speed-up at this config (Amdahl).
 """
 
 from __future__ import annotations
@@ -23,15 +27,27 @@ import torch
 def _batches(cfg, count: int) -> list[dict[str, torch.Tensor]]:
     from torch.utils.data import DataLoader
 
-    from echo.text import CharTokenizer
-    from echo.train import Collator, DistributedBucketSampler, batch_inputs, build_datasets
+    from echo.train import Collator, DistributedBucketSampler, batch_inputs, build_datasets, make_tokenizer
 
-    tokenizer = CharTokenizer()
+    tokenizer = make_tokenizer(cfg)
     train_set = build_datasets(cfg, tokenizer)["train"]
     sampler = DistributedBucketSampler(train_set.durations(), cfg.train.batch_size, num_replicas=1, rank=0,
                                        seed=cfg.train.seed, bucket_factor=cfg.train.bucket_factor)
     loader = DataLoader(train_set, batch_sampler=sampler.batches()[:count], collate_fn=Collator(tokenizer.pad_id))
     return [batch_inputs(b, torch.device("cpu")) for b in loader]
+
+
+FREE = "free"
+
+
+def _free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: object) -> torch.Tensor:
+    """Stand-in for ``rope_attention`` that costs (almost) nothing: ``q + k + v``, ``[B, H, Tq, D]``."""
+    kv = k + v
+    if kv.shape[1] != q.shape[1]:
+        kv = kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
+    if kv.shape[2] != q.shape[2]:
+        return q + kv.mean(dim=2, keepdim=True)
+    return q + kv
 
 
 class Trainer:
@@ -41,21 +57,30 @@ class Trainer:
         from echo.model import Echo
         from echo.train import make_optimizer
 
-        cfg.model.backend = backend
+        self.free = backend == FREE
+        cfg.model.backend = "auto" if self.free else backend
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.model = cfg, Echo(cfg.model).train()
         self.optimizer = make_optimizer(self.model, cfg.train)
 
     def run(self, batches: list[dict[str, torch.Tensor]], first_step: int) -> int:
         """Steps over ``batches``; returns the mel frames processed."""
+        import echo.model
         from echo.augment import augment_batch, step_generator
         from echo.train import optimizer_step
 
         frames = 0
-        for n, batch in enumerate(batches):
-            inputs = augment_batch(batch, self.cfg.augment, step_generator(self.cfg.train.seed, first_step + n, 0))
-            optimizer_step(self.model, self.optimizer, inputs, self.cfg.train)
-            frames += int(batch["mel_lengths"].sum())
+        real_attention = echo.model.rope_attention
+        if self.free:
+            echo.model.rope_attention = _free_attention
+        try:
+            for n, batch in enumerate(batches):
+                inputs = augment_batch(batch, self.cfg.augment,
+                                       step_generator(self.cfg.train.seed, first_step + n, 0))
+                optimizer_step(self.model, self.optimizer, inputs, self.cfg.train)
+                frames += int(batch["mel_lengths"].sum())
+        finally:
+            echo.model.rope_attention = real_attention
         return frames
 
 
@@ -86,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny.yaml")
-    p.add_argument("--backends", nargs="+", default=["reference", "cpu"])
+    p.add_argument("--backends", nargs="+", default=["reference", "cpu", FREE],
+                   help=f"attention backends to compare; '{FREE}' = attention that costs nothing (the ceiling)")
     p.add_argument("--steps", type=int, default=20, help="optimiser steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

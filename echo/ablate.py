@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from echo.train import build_datasets, load_config, train
+from echo.train import build_datasets, load_config, make_tokenizer, train
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "a": ("plain RoPE, no bias", ["model.pitch=false"]),
@@ -48,8 +48,6 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
     """
     from echo.evaluate import evaluate_dataset
     from echo.model import load_model
-    from echo.text import CharTokenizer
-
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -57,7 +55,7 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
         raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     raw: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     base = load_config(config, overrides)
-    datasets = build_datasets(base, CharTokenizer())
+    datasets = build_datasets(base, make_tokenizer(base))
     if eval_max_utts > 0:
         for split in ("dev", "test"):
             n = min(eval_max_utts, len(datasets[split]))

@@ -66,9 +66,9 @@ def downsample_f0(f0: torch.Tensor, lengths: torch.Tensor, stride: int = 2
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """f0 at the encoder frame rate after a conv front end of stride ``stride``.
 
-    ``[B, T]`` -> (``[B, ceil(T / stride)]`` float32, lengths ``ceil(L / stride)``). For
-    stride 2 that is ``(T + 1) // 2``, the output length of a kernel-3, padding-1,
-    stride-2 convolution. Output frame k averages the voiced, valid input frames
+    ``[B, T]`` -> (``[B, ceil(T / stride)]`` float32, lengths ``ceil(L / stride)``): the
+    output length of a kernel-3, padding-1 convolution of that stride (for stride 2,
+    ``(T + 1) // 2``). Output frame k averages the voiced, valid input frames
     ``k*stride .. k*stride + stride - 1``; 0 if none of them is voiced.
     """
     bsz, t_max = f0.shape

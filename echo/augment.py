@@ -1,8 +1,11 @@
-"""Training-time augmentation of a batch: SpecAugment masks, a vocal-tract-like mel warp, f0 scaling.
+"""Training-time augmentation of a batch: SpecAugment masks, a vocal-tract-like mel warp, f0 scaling,
+tempo changes.
 
 The corpus's test split holds voices the model never hears in training, so the augmentations
 target what differs between voices: formant positions (the mel warp, as VTLP stretches the
-frequency axis), pitch range (f0 scaling) and, as SpecAugment, missing bands and stretches.
+frequency axis), pitch range (f0 scaling), speaking rate (tempo: the time axis resampled, as
+Kaldi-style speed perturbation does without its pitch shift) and, as SpecAugment, missing bands
+and stretches.
 Every draw comes from a generator seeded by (run seed, step, process rank), so a resumed run
 sees the very same augmented batches as an uninterrupted one.
 """
@@ -22,7 +25,8 @@ class AugmentConfig:
     ``freq_masks`` masks of up to ``freq_width`` mel bins and ``time_masks`` masks of up to
     ``time_width`` x the utterance's length, filled with the utterance's mean; ``mel_warp``:
     the mel axis stretched by a factor drawn from ``[1 - w, 1 + w]``; ``f0_scale``: frame and
-    token f0 multiplied by a factor from ``[1 - s, 1 + s]``.
+    token f0 multiplied by a factor from ``[1 - s, 1 + s]``; ``tempo``: every utterance's duration
+    multiplied by a factor from ``[1 - t, 1 + t]`` (its frames resampled).
     """
 
     freq_masks: int = 0
@@ -31,18 +35,19 @@ class AugmentConfig:
     time_width: float = 0.05
     mel_warp: float = 0.0
     f0_scale: float = 0.0
+    tempo: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("freq_masks", "freq_width", "time_masks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("time_width", "mel_warp", "f0_scale"):
+        for name in ("time_width", "mel_warp", "f0_scale", "tempo"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"augment.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.freq_masks or self.time_masks or self.mel_warp or self.f0_scale)
+        return bool(self.freq_masks or self.time_masks or self.mel_warp or self.f0_scale or self.tempo)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -71,6 +76,32 @@ def warp_mel(mel: Tensor, factors: Tensor) -> Tensor:
     return mel.gather(2, lo) * (1 - frac) + mel.gather(2, hi) * frac
 
 
+def stretch_time(mel: Tensor, f0: Tensor, lengths: Tensor, factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Resample each utterance's valid frames to ``round(L * factor)`` frames (at least 1).
+
+    mel ``[B, T, M]`` (linear interpolation), f0 ``[B, T]`` (nearest frame, so unvoiced frames stay
+    exactly 0), lengths ``[B]``, factors ``[B]`` (> 1 slows the speech down). Returns the new mel,
+    f0 and lengths, zero-padded to the longest new length. Frame centres map onto frame centres:
+    output frame j reads input position ``(j + 0.5) * L / L' - 0.5``.
+    """
+    device = mel.device
+    lengths = lengths.to(device)
+    new_lengths = (lengths.double() * factors.to(device).double()).round().long().clamp(min=1)
+    t_out = int(new_lengths.max())
+    j = torch.arange(t_out, device=device, dtype=torch.float64)[None]
+    last = (lengths - 1).clamp(min=0)[:, None]
+    src = ((j + 0.5) * lengths[:, None] / new_lengths[:, None] - 0.5).clamp(min=0.0)
+    src = torch.minimum(src, last.double())
+    lo = src.floor().long()
+    hi = torch.minimum(lo + 1, last)
+    frac = (src - lo).to(mel.dtype)[..., None]
+    lo_rows, hi_rows = (i[..., None].expand(-1, -1, mel.shape[-1]) for i in (lo, hi))
+    valid = torch.arange(t_out, device=device)[None] < new_lengths[:, None]
+    out_mel = (mel.gather(1, lo_rows) * (1 - frac) + mel.gather(1, hi_rows) * frac) * valid[..., None].to(mel.dtype)
+    out_f0 = f0.gather(1, torch.minimum(src.round().long(), last)) * valid.to(f0.dtype)
+    return out_mel, out_f0, new_lengths.to(lengths.dtype)
+
+
 def _mask_spans(count: int, max_width: Tensor, limit: Tensor, gen: torch.Generator) -> list[list[tuple[int, int]]]:
     """Per utterance, ``count`` spans ``[start, start + width)`` with width <= max_width inside ``[0, limit)``."""
     spans = []
@@ -94,14 +125,17 @@ def augment_batch(inputs: dict[str, Tensor], cfg: AugmentConfig, gen: torch.Gene
     out = dict(inputs)
     mel = inputs["mel"]
     batch, _, bins = mel.shape
+    if cfg.tempo:
+        mel, out["f0"], out["mel_lengths"] = stretch_time(mel, inputs["f0"], inputs["mel_lengths"],
+                                                         _uniform(batch, cfg.tempo, gen))
     if cfg.mel_warp:
         mel = warp_mel(mel, _uniform(batch, cfg.mel_warp, gen))
     if cfg.f0_scale:
         scale = _uniform(batch, cfg.f0_scale, gen).to(mel.device)
-        out["f0"] = inputs["f0"] * scale[:, None]
+        out["f0"] = out["f0"] * scale[:, None]
         out["token_f0"] = inputs["token_f0"] * scale[:, None]
     if cfg.freq_masks or cfg.time_masks:
-        lengths = inputs["mel_lengths"].cpu()
+        lengths = out["mel_lengths"].cpu()
         if mel is inputs["mel"]:  # the warp already made a new tensor
             mel = mel.clone()
         freq = _mask_spans(cfg.freq_masks, torch.full((batch,), cfg.freq_width), torch.full((batch,), bins), gen)

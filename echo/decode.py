@@ -16,14 +16,14 @@ from torch import Tensor
 
 from echo.ctc_prefix import CTCPrefixScorer
 from echo.model import Echo, EncoderOutput, load_model
-from echo.ngram import CharNgramLM
+from echo.ngram import NgramLM
 from echo.text import CharTokenizer
 
 
 def _max_len(model: Echo, enc_lengths: Tensor, max_len: int | None) -> int:
-    # A character never takes less than one encoder frame (20 ms) in this data, so the encoder
-    # length bounds the output and stops a looping hypothesis early.
-    limit = int(enc_lengths.max()) + 2
+    # A token never takes less than 20 ms in this data (one encoder frame at subsample 2), so the
+    # encoder length bounds the output and stops a looping hypothesis early.
+    limit = -(-int(enc_lengths.max()) * model.cfg.subsample // 2) + 2
     return min(limit, max_len or model.cfg.max_decode_len)
 
 
@@ -81,7 +81,7 @@ def _select(enc: EncoderOutput, index: Tensor) -> EncoderOutput:
 def beam_search(
     model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 4,
     max_len: int | None = None, length_penalty: float = 0.0, ctc_weight: float = 0.0,
-    lm: CharNgramLM | None = None, lm_weight: float = 0.0,
+    lm: NgramLM | None = None, lm_weight: float = 0.0,
 ) -> list[list[int]]:
     """Beam search per utterance (the beams are the batch of the cached decoder).
 
@@ -200,7 +200,7 @@ LM_WEIGHT = 0.3
 
 def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 1,
                  max_len: int | None = None, decoder: str = "attention",
-                 ctc_weight: float = JOINT_CTC_WEIGHT, lm: CharNgramLM | None = None,
+                 ctc_weight: float = JOINT_CTC_WEIGHT, lm: NgramLM | None = None,
                  lm_weight: float = 0.0) -> list[list[int]]:
     """Token ids for a padded batch: the attention decoder, greedy (``beam == 1``) or beam search;
     greedy CTC (``decoder="ctc"``, beam ignored); or joint CTC/attention search (``decoder="joint"``,
@@ -234,9 +234,9 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"weight of the n-gram's log-probabilities with --lm (default {LM_WEIGHT})")
 
 
-def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> CharNgramLM | None:
-    """The ``--lm`` argument as a :class:`CharNgramLM` (None stays None)."""
-    return None if path is None else CharNgramLM.from_file(path, tokenizer)
+def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> NgramLM | None:
+    """The ``--lm`` argument as a :class:`NgramLM` (None stays None)."""
+    return None if path is None else NgramLM.from_file(path, tokenizer)
 
 
 def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu",

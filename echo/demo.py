@@ -12,7 +12,7 @@ import torch
 
 
 def run_demo(out: str | Path, *, config: str | Path = "configs/tiny.yaml", corpus: str | Path = "data/corpus",
-             minutes: float = 10.0, max_steps: int = 900, n_train: int = 4000, n_eval: int = 200,
+             minutes: float = 10.0, max_steps: int = 1200, n_train: int = 4000, n_eval: int = 200,
              extra: list[str] | None = None) -> dict:
     """The demo pipeline; returns ``{"wer", "cer", "audio", "reference", "hypothesis"}``."""
     from echo.evaluate import evaluate_manifest
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--corpus", default="data/corpus")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget")
-    p.add_argument("--max-steps", type=int, default=900,
-                   help="schedule length (~10 minutes at 1.6 steps/s on a 2-core CPU; training may stop earlier on time)")
+    p.add_argument("--max-steps", type=int, default=1200,
+                   help="schedule length (~10 minutes at 2 steps/s on a 2-core CPU; training may stop earlier on time)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     run_demo(args.out, config=args.config, corpus=args.corpus, minutes=args.minutes, max_steps=args.max_steps,

@@ -1,5 +1,6 @@
 """Scoring: ``python -m echo evaluate --checkpoint CKPT --manifest test.jsonl`` prints WER and CER
-(jiwer, on normalised text) and writes per-utterance errors to a TSV file."""
+(jiwer, on normalised text), the same per speech engine when the manifest names them, and writes
+per-utterance errors to a TSV file."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from echo.data.dataset import Collator
 from echo.decode import JOINT_CTC_WEIGHT, LM_WEIGHT, add_decoder_arguments, decode_batch, load_lm
 from echo.model import Echo, load_model
-from echo.ngram import CharNgramLM
+from echo.ngram import NgramLM
 from echo.text import CharTokenizer, normalize_text
 
 
@@ -30,11 +31,22 @@ def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
     return {"wer": float(jiwer.wer(r, h)), "cer": float(jiwer.cer(r, h)), "utterances": len(pairs)}
 
 
+def score_groups(refs: list[str], hyps: list[str], groups: list[str]) -> dict[str, dict[str, float]]:
+    """:func:`score` of each group of utterances (e.g. per speech engine), groups in sorted order;
+    a group whose references are all empty is left out."""
+    out = {}
+    for name in sorted(set(groups)):
+        members = [i for i, g in enumerate(groups) if g == name]
+        if any(normalize_text(refs[i]) for i in members):
+            out[name] = score([refs[i] for i in members], [hyps[i] for i in members])
+    return out
+
+
 @torch.no_grad()
 def evaluate_dataset(
     model: Echo, tokenizer: CharTokenizer, dataset: Dataset, *, batch_size: int = 32, beam: int = 1,
     device: torch.device | str = "cpu", progress: bool = True, decoder: str = "attention",
-    ctc_weight: float = JOINT_CTC_WEIGHT, lm: CharNgramLM | None = None, lm_weight: float = 0.0,
+    ctc_weight: float = JOINT_CTC_WEIGHT, lm: NgramLM | None = None, lm_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Decode every utterance of a dataset of :class:`echo.data.dataset.Example` and score it.
 
@@ -69,7 +81,8 @@ def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int
                       device: str = "cpu", progress: bool = True, decoder: str = "attention",
                       ctc_weight: float = JOINT_CTC_WEIGHT, lm: str | Path | None = None,
                       lm_weight: float = LM_WEIGHT) -> dict[str, Any]:
-    """Score a checkpoint on a manifest; optionally write per-utterance errors (TSV) to ``errors_path``."""
+    """Score a checkpoint on a manifest; optionally write per-utterance errors (TSV) to ``errors_path``.
+    ``result["by_engine"]``: :func:`score_groups` by the records' ``engine`` (when every record has one)."""
     from echo.data.dataset import SpeechDataset
 
     model, tokenizer = load_model(checkpoint, device)
@@ -78,6 +91,10 @@ def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int
     result = evaluate_dataset(model, tokenizer, dataset, batch_size=batch_size, beam=beam, device=device,
                               progress=progress, decoder=decoder, ctc_weight=ctc_weight, lm=ngram,
                               lm_weight=lm_weight if ngram is not None else 0.0)
+    if all("engine" in rec for rec in dataset.records):
+        rows = result["rows"]
+        result["by_engine"] = score_groups([r["ref"] for r in rows], [r["hyp"] for r in rows],
+                                           [rec["engine"] for rec in dataset.records])
     if errors_path is not None:
         path = Path(errors_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,5 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                cache_dir=args.cache_dir, errors_path=errors, device=args.device, decoder=args.decoder,
                                ctc_weight=args.ctc_weight, lm=args.lm, lm_weight=args.lm_weight)
     print(f"WER {result['wer'] * 100:.2f}%  CER {result['cer'] * 100:.2f}%  ({result['utterances']} utterances)")
+    for engine, m in result.get("by_engine", {}).items():
+        print(f"  {engine}: WER {m['wer'] * 100:.2f}%  CER {m['cer'] * 100:.2f}%  ({m['utterances']} utterances)")
     print(f"per-utterance errors: {errors}")
     return 0

@@ -1,6 +1,6 @@
 """The Echo model: a pitch-aware encoder-decoder ASR transformer on ``echo_kernels.RopeAttention``.
 
-Shapes: B batch, T mel frames (10 ms), T' = (T + 1) // 2 encoder frames, U tokens, d model width,
+Shapes: B batch, T mel frames (10 ms), T' = ceil(T / subsample) encoder frames, U tokens, d model width,
 H heads, V vocabulary. f0 is in Hz with 0 meaning unvoiced, padding at the end of every sequence.
 
 Design notes (why, not what):
@@ -39,6 +39,7 @@ THETA_MODES = ("fixed", "f0", "mean_f0", "f0_offset")
 RADIUS_MODES = ("unit", "f0")
 BIAS_KINDS = ("exp", "l1", None)
 DECODER_F0 = ("aligned", "mean", "none")
+SUBSAMPLES = (2, 3, 4)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class EchoConfig:
     ``theta_mode`` / ``radius_mode`` / ``bias`` say. ``decoder_f0``: ``"aligned"`` token-aligned f0,
     ``"mean"`` the utterance mean for every token, ``"none"`` plain RoPE in the decoder.
     ``ctc_weight`` in [0, 1): weight of the CTC loss on the encoder (0 builds no CTC head).
+    ``subsample``: stride of the front end's second convolution, so an encoder frame is
+    ``10 * subsample`` ms (2: Whisper's 20 ms; 3 and 4 make the encoder cheaper).
     """
 
     n_mels: int = 80
@@ -66,6 +69,7 @@ class EchoConfig:
     bias: str | None = "exp"
     learnable_theta: bool = True
     pitch: bool = True
+    subsample: int = 2
     decoder_f0: str = "aligned"
     cross_rotary: bool = False
     ctc_weight: float = 0.3
@@ -82,6 +86,8 @@ class EchoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EchoConfig.{name} must be a positive int, got {value!r}")
+        if self.subsample not in SUBSAMPLES:
+            raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {self.subsample!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) x an even head dim")
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
@@ -387,7 +393,9 @@ class Echo(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.conv1 = nn.Conv1d(cfg.n_mels, d, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        # Kernel 3, padding 1, stride s: ceil(T / s) outputs, the last one reading only real or
+        # zeroed frames, so padding never changes an utterance's encoding.
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=cfg.subsample, padding=1)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.enc_layers))
         self.enc_norm = nn.RMSNorm(d, eps=1e-6)
         self.embed = nn.Embedding(cfg.vocab_size, d)
@@ -416,13 +424,13 @@ class Echo(nn.Module):
         x = ((mel - mean) / std * mask).transpose(1, 2)
         x = F.gelu(self.conv1(x)) * mask.transpose(1, 2)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        enc_lengths = (mel_lengths + 1) // 2
+        enc_lengths = (mel_lengths + self.cfg.subsample - 1) // self.cfg.subsample
         x = self.drop(x)
         enc_f0 = stats = None
         if self.cfg.pitch:
             if f0 is None:
                 raise ValueError("this model uses pitch (cfg.pitch=True): f0 [B, T] is required")
-            enc_f0, _ = downsample_f0(f0, mel_lengths, 2)
+            enc_f0, _ = downsample_f0(f0, mel_lengths, self.cfg.subsample)
             enc_f0 = enc_f0[:, : x.shape[1]]
             stats = f0_stats(enc_f0, enc_lengths)
         for block in self.encoder:
@@ -618,7 +626,7 @@ class Echo(nn.Module):
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[Echo, Any]:
     """Model (eval mode) and tokenizer from a training checkpoint written by ``echo.train``."""
-    from echo.text import CharTokenizer
+    from echo.text import tokenizer_from_state
 
     ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -627,7 +635,7 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") 
     model = Echo(cfg).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    tokenizer = CharTokenizer("".join(ckpt["tokenizer"][4:]))
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     return model, tokenizer
 
 

@@ -1,9 +1,9 @@
-"""Character n-gram language model for shallow fusion in Echo's beam search.
+"""Token n-gram language model (characters or word pieces) for shallow fusion in Echo's beam search.
 
 A tiny model trained for minutes learns the sounds well before it learns to spell: its
-hypotheses are full of near-words ("remembert", "shidy"). A character n-gram trained on the
-*training* transcripts knows which letter sequences are words and which words follow which;
-the search adds ``lm_weight * log p_lm(token | last order-1 tokens)`` to every token's score
+hypotheses are full of near-words ("remembert", "shidy"). An n-gram over the tokenizer's ids
+trained on the *training* transcripts knows which letter sequences are words and which words
+follow which; the search adds ``lm_weight * log p_lm(token | last order-1 tokens)`` to every token's score
 (shallow fusion). Build it only from text the model may legitimately know, never from the
 test transcripts.
 
@@ -26,11 +26,11 @@ from torch import Tensor
 
 from echo.text import CharTokenizer
 
-DEFAULT_ORDER = 6  # lowest dev perplexity of orders 4-12 on the synthetic corpus (2.91 per character)
+DEFAULT_ORDER = 6  # characters: lowest dev perplexity of orders 4-12 on the synthetic corpus (2.91 per character)
 
 
-class CharNgramLM:
-    """Character n-gram of ``order`` (context = the ``order - 1`` previous tokens, ``<bos>`` included)."""
+class NgramLM:
+    """N-gram of ``order`` over a tokenizer's ids (context = the ``order - 1`` previous tokens, ``<bos>`` included)."""
 
     def __init__(self, texts: Iterable[str], tokenizer: CharTokenizer, order: int = DEFAULT_ORDER) -> None:
         if order < 1:
@@ -53,7 +53,7 @@ class CharNgramLM:
         self._log_probs: dict[tuple[int, ...], Tensor] = {}
 
     @classmethod
-    def from_file(cls, path: str | Path, tokenizer: CharTokenizer, order: int = DEFAULT_ORDER) -> CharNgramLM:
+    def from_file(cls, path: str | Path, tokenizer: CharTokenizer, order: int = DEFAULT_ORDER) -> NgramLM:
         """Trained on a manifest (``.jsonl``: every record's ``text``) or a text file (one sentence per line)."""
         path = Path(path)
         if not path.is_file():

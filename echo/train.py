@@ -37,7 +37,7 @@ from echo.augment import AugmentConfig, augment_batch, step_generator
 from echo.data.dataset import Batch, Collator, Example, SpeechDataset
 from echo.decode import DECODERS
 from echo.model import Echo, EchoConfig
-from echo.text import CharTokenizer
+from echo.text import TOKENIZER_KINDS, BpeTokenizer, CharTokenizer, tokenizer_from_state
 
 # --- configuration ---------------------------------------------------------------------------
 
@@ -45,7 +45,9 @@ from echo.text import CharTokenizer
 @dataclass
 class DataConfig:
     """Where the data comes from. ``synthetic``: a generated toy task (tests, smoke runs) instead of
-    the corpus; ``synthetic_size`` utterances for train (dev/test get a quarter each)."""
+    the corpus; ``synthetic_size`` utterances for train (dev/test get a quarter each).
+    ``tokenizer``: ``"char"`` or ``"bpe"`` (word pieces learned from the training transcripts,
+    ``model.vocab_size`` ids)."""
 
     corpus: str = "data/corpus"
     train: str = "train.jsonl"
@@ -55,6 +57,11 @@ class DataConfig:
     max_duration: float | None = None
     synthetic: bool = False
     synthetic_size: int = 64
+    tokenizer: str = "char"
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"data.tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}")
 
 
 @dataclass
@@ -204,13 +211,36 @@ class SyntheticDataset(Dataset):
         for n, t in enumerate(ids[1:-1]):
             k = int(torch.randint(3, 6, (), generator=g))
             frames.append(self.patterns[t].expand(k, -1))
-            voiced = text[n] != " "
+            voiced = self.tokenizer.itos[t].strip() != ""
             pitch.append(torch.full((k,), base * (1 + 0.05 * (t % 5)) if voiced else 0.0))
         mel = torch.cat(frames) + 0.3 * torch.randn(sum(f.shape[0] for f in frames), self.n_mels, generator=g)
         f0 = torch.cat(pitch).float()
         tokens = torch.tensor(ids, dtype=torch.long)
         tf0 = token_f0(f0[None], torch.tensor([f0.shape[0]]), tokens[None], torch.tensor([tokens.shape[0]]))[0]
         return Example(mel.float(), f0, tokens, tf0, text)
+
+
+def _train_texts(d: DataConfig) -> list[str]:
+    if d.synthetic:
+        return [SyntheticDataset(d.synthetic_size, 0)._text(i) for i in range(d.synthetic_size)]
+    manifest = Path(d.corpus) / d.train
+    if not manifest.exists():
+        raise FileNotFoundError(f"manifest {manifest} not found (build the corpus: python -m echo.data.synth)")
+    return [json.loads(line)["text"] for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def make_tokenizer(cfg: RunConfig) -> CharTokenizer:
+    """The run's tokenizer (``data.tokenizer``): characters, or word pieces learned from the
+    training transcripts (deterministic, so a resumed run rebuilds the same one). Its size must be
+    ``model.vocab_size``."""
+    if cfg.data.tokenizer == "bpe":
+        tokenizer = BpeTokenizer.train(_train_texts(cfg.data), cfg.model.vocab_size)
+    else:
+        tokenizer = CharTokenizer()
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) != tokenizer size ({tokenizer.vocab_size}); "
+                         f"the character tokenizer has {CharTokenizer().vocab_size} ids")
+    return tokenizer
 
 
 def build_datasets(cfg: RunConfig, tokenizer: CharTokenizer) -> dict[str, Dataset]:
@@ -416,9 +446,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     rank, world, device = _dist_setup(tc.device)
     is_main = rank == 0
     out_dir = Path(tc.out_dir)
-    tokenizer = CharTokenizer()
-    if cfg.model.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) != tokenizer size ({tokenizer.vocab_size})")
+    tokenizer = make_tokenizer(cfg)
 
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
@@ -434,6 +462,8 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     resume_from = Path(resume) if isinstance(resume, (str, Path)) else (ckpt_path if resume else None)
     if resume_from is not None and resume_from.exists():
         ckpt = torch.load(resume_from, map_location=device, weights_only=False)
+        if tokenizer_from_state(ckpt["tokenizer"]).state() != tokenizer.state():
+            raise ValueError(f"{resume_from} was trained with another tokenizer than this config builds")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -480,7 +510,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
             state = {
                 "model": (eval_model if best else model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": rngs, "tokenizer": tokenizer.itos,
+                "batch_in_epoch": batch_in_epoch, "rng": rngs, "tokenizer": tokenizer.state(),
                 "config": cfg.to_dict(), "best_dev_cer": best_cer,
             }
             if average is not None and not best:

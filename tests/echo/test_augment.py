@@ -4,7 +4,7 @@ draws depend only on (seed, step), bad settings are named."""
 import pytest
 import torch
 
-from echo.augment import AugmentConfig, augment_batch, step_generator, warp_mel
+from echo.augment import AugmentConfig, augment_batch, step_generator, stretch_time, warp_mel
 
 
 def _inputs(seed=0):
@@ -37,7 +37,7 @@ def test_masks_stay_inside_each_utterance_and_padding_is_untouched():
 
 
 def test_same_seed_and_step_give_the_same_draws():
-    cfg = AugmentConfig(freq_masks=2, time_masks=2, mel_warp=0.1, f0_scale=0.1)
+    cfg = AugmentConfig(freq_masks=2, time_masks=2, mel_warp=0.1, f0_scale=0.1, tempo=0.1)
     a = augment_batch(_inputs(), cfg, step_generator(7, 11))
     b = augment_batch(_inputs(), cfg, step_generator(7, 11))
     c = augment_batch(_inputs(), cfg, step_generator(7, 12))
@@ -68,7 +68,36 @@ def test_warp_by_one_is_identity_and_a_stretch_moves_a_peak_up():
     assert warped[0, 0].argmax() == 12 and warped[1, 0].argmax() == 8
 
 
-@pytest.mark.parametrize("kw", [{"freq_masks": -1}, {"time_width": 1.5}, {"mel_warp": -0.1}])
+@pytest.mark.parametrize("kw", [{"freq_masks": -1}, {"time_width": 1.5}, {"mel_warp": -0.1}, {"tempo": 1.0}])
 def test_bad_settings_are_named(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         AugmentConfig(**kw)
+
+
+def test_stretch_by_one_is_identity_and_a_ramp_stays_a_ramp():
+    inputs = _inputs()
+    mel, f0, lengths = stretch_time(inputs["mel"], inputs["f0"], inputs["mel_lengths"], torch.ones(3))
+    assert torch.equal(lengths, inputs["mel_lengths"]) and torch.allclose(mel, inputs["mel"])
+    valid = torch.arange(50)[None] < inputs["mel_lengths"][:, None]
+    assert torch.equal(f0, inputs["f0"] * valid)
+    # A linear ramp over frame centres resamples to the same line at the new rate.
+    ramp = torch.arange(20.0)[None, :, None].expand(1, 20, 2).contiguous()
+    slow, _, n = stretch_time(ramp, torch.zeros(1, 20), torch.tensor([20]), torch.tensor([1.5]))
+    assert int(n) == 30
+    inner = slow[0, 1:-1, 0]
+    assert torch.allclose(inner, (torch.arange(1, 29) + 0.5) * 20 / 30 - 0.5, atol=1e-5)
+
+
+def test_tempo_changes_each_length_within_the_range_and_keeps_f0_voicing_values():
+    inputs = _inputs()
+    out = augment_batch(inputs, AugmentConfig(tempo=0.2), step_generator(3, 1))
+    new, old = out["mel_lengths"], inputs["mel_lengths"]
+    assert not torch.equal(new, old)
+    assert ((new.float() >= (old * 0.8).floor()) & (new.float() <= (old * 1.2).ceil())).all()
+    assert out["mel"].shape[1] == int(new.max()) and out["f0"].shape == out["mel"].shape[:2]
+    for b, n in enumerate(new):
+        assert not out["mel"][b, n:].any() and not out["f0"][b, n:].any()  # zero padding past the new length
+        # Nearest-frame f0: every value is one of the utterance's own (voiced or exactly 0).
+        own = set(inputs["f0"][b, : old[b]].tolist())
+        assert set(out["f0"][b, :n].tolist()) <= own
+    assert torch.equal(out["token_f0"], inputs["token_f0"])

@@ -92,8 +92,20 @@ def test_score_normalises_text():
     assert 0 < s["cer"] < 0.1
 
 
-def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
-    """End to end through the files a user touches: checkpoint -> transcribe / evaluate / attention maps."""
+def test_score_groups_scores_each_group_on_its_own():
+    from echo.evaluate import score, score_groups
+
+    refs, hyps = ["a b", "c d", "e f", "?!"], ["a b", "c x", "y z", "anything"]
+    groups = score_groups(refs, hyps, ["flite", "espeak", "espeak", "flite"])
+    assert list(groups) == ["espeak", "flite"]
+    assert groups["flite"] == {"wer": 0.0, "cer": 0.0, "utterances": 1}  # the empty reference is left out
+    assert groups["espeak"] == score(refs[1:3], hyps[1:3]) and groups["espeak"]["wer"] == 0.75
+
+
+@pytest.mark.parametrize(("tokenizer", "vocab_size"), [("char", 42), ("bpe", 48)])
+def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_size):
+    """End to end through the files a user touches: checkpoint -> transcribe / evaluate / attention maps,
+    with either tokenizer (the checkpoint carries it)."""
     import json
     import math
 
@@ -101,18 +113,19 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
     import soundfile as sf
 
     from echo.__main__ import main as cli
-    from echo.model import attention_maps
+    from echo.model import attention_maps, load_model
     from echo.train import config_from_dict, train
 
     cfg = config_from_dict({
         "model": {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ffn_dim": 32, "dropout": 0.0,
-                  "backend": "chunked", "max_decode_len": 8},
+                  "backend": "chunked", "max_decode_len": 8, "vocab_size": vocab_size},
         "train": {"out_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 1, "eval_every": 0,
                   "ckpt_every": 0, "threads": 1},
-        "data": {"synthetic": True, "synthetic_size": 8},
+        "data": {"synthetic": True, "synthetic_size": 8, "tokenizer": tokenizer},
     })
     train(cfg, quiet=True)
     ckpt = tmp_path / "run" / "last.pt"
+    assert type(load_model(ckpt)[1]).__name__ == {"char": "CharTokenizer", "bpe": "BpeTokenizer"}[tokenizer]
     records = []
     for i, hz in enumerate((140.0, 210.0)):
         t = np.arange(8000) / 16000
@@ -125,7 +138,8 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys):
     errors = tmp_path / "errors.tsv"
     assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
                 "--errors", str(errors)]) == 0
-    assert "WER" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WER" in out and "  tone: WER" in out  # the per-engine line
     assert len(errors.read_text().splitlines()) == 3
     assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
                 "--decoder", "joint", "--beam", "2", "--ctc-weight", "0.4"]) == 0

@@ -47,9 +47,18 @@ def test_shapes_and_loss():
     assert m.conv1.weight.grad is not None and torch.isfinite(m.conv1.weight.grad).all()
 
 
-@pytest.mark.parametrize("pitch", [True, False])
-def test_padding_does_not_change_outputs(pitch):
-    m = _model(pitch=pitch)
+@pytest.mark.parametrize(("subsample", "frames", "lengths"), [(3, 14, [14, 9, 5]), (4, 10, [10, 7, 4])])
+def test_subsample_sets_the_encoder_frame_rate(subsample, frames, lengths):
+    m = _model(subsample=subsample)
+    mel, ml, f0, tok, tl, tf0 = _batch()  # mel lengths 40, 27, 13
+    enc = m.encode(mel, ml, f0)
+    assert enc.states.shape == (3, frames, 32) and enc.lengths.tolist() == lengths and enc.f0.shape == (3, frames)
+    assert torch.isfinite(m.train()(mel, ml, f0, tok, tl, tf0)["loss"])
+
+
+@pytest.mark.parametrize(("pitch", "subsample"), [(True, 2), (False, 2), (True, 3)])
+def test_padding_does_not_change_outputs(pitch, subsample):
+    m = _model(pitch=pitch, subsample=subsample)
     mel, ml, f0, tok, tl, tf0 = _batch()
     with torch.no_grad():
         enc = m.encode(mel, ml, f0)
@@ -127,7 +136,7 @@ def test_encoder_attention_maps():
 
 @pytest.mark.parametrize("bad", [
     {"d_model": 30}, {"n_heads": 3}, {"theta_mode": "log"}, {"radius_mode": "x"}, {"bias": "l2"},
-    {"ctc_weight": 1.0}, {"decoder_f0": "token"}, {"enc_layers": 0}, {"n_kv_heads": 3},
+    {"ctc_weight": 1.0}, {"decoder_f0": "token"}, {"enc_layers": 0}, {"n_kv_heads": 3}, {"subsample": 5},
 ])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):

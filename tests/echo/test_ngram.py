@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from echo.ngram import CharNgramLM
+from echo.ngram import NgramLM
 from echo.text import CharTokenizer
 
 TOK = CharTokenizer()
 
 
 def test_every_context_gives_a_distribution_without_pad_or_bos():
-    lm = CharNgramLM(["the cat sat", "the hat"], TOK, order=4)
+    lm = NgramLM(["the cat sat", "the hat"], TOK, order=4)
     rows = lm.log_probs([[], TOK.encode("the", add_bos=False, add_eos=False), TOK.encode("zzz q", add_bos=False,
                                                                                             add_eos=False)])
     assert rows.shape == (3, TOK.vocab_size)
@@ -24,7 +24,7 @@ def test_every_context_gives_a_distribution_without_pad_or_bos():
 
 
 def test_unigram_is_witten_bell_over_uniform_by_hand():
-    lm = CharNgramLM(["ab", "ac"], TOK, order=1)
+    lm = NgramLM(["ab", "ac"], TOK, order=1)
     # Outputs seen: a twice, b once, c once, <eos> twice: 6 tokens of 4 types; the uniform base
     # spreads over every id but <pad> and <bos>.
     u = 1 / (TOK.vocab_size - 2)
@@ -37,7 +37,7 @@ def test_unigram_is_witten_bell_over_uniform_by_hand():
 
 def test_training_sentences_score_above_their_scrambles():
     texts = ["remember the window", "the window is open", "open the door"]
-    lm = CharNgramLM(texts, TOK, order=6)
+    lm = NgramLM(texts, TOK, order=6)
     for text in texts:
         ids = TOK.encode(text, add_bos=False)
         scrambled = TOK.encode(text[::-1], add_bos=False)
@@ -49,16 +49,16 @@ def test_training_sentences_score_above_their_scrambles():
 def test_from_file_reads_manifests_and_text(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"text": "Hello there"}\n{"text": "general"}\n')
     (tmp_path / "s.txt").write_text("hello there\n\ngeneral\n")
-    a = CharNgramLM.from_file(tmp_path / "m.jsonl", TOK, order=3)
-    b = CharNgramLM.from_file(tmp_path / "s.txt", TOK, order=3)
+    a = NgramLM.from_file(tmp_path / "m.jsonl", TOK, order=3)
+    b = NgramLM.from_file(tmp_path / "s.txt", TOK, order=3)
     prefixes = [[], TOK.encode("gen", add_bos=False, add_eos=False)]
     assert torch.equal(a.log_probs(prefixes), b.log_probs(prefixes))
     with pytest.raises(FileNotFoundError, match="language-model text"):
-        CharNgramLM.from_file(tmp_path / "missing.jsonl", TOK)
+        NgramLM.from_file(tmp_path / "missing.jsonl", TOK)
     with pytest.raises(ValueError, match="order"):
-        CharNgramLM(["a"], TOK, order=0)
+        NgramLM(["a"], TOK, order=0)
     with pytest.raises(ValueError, match="at least one"):
-        CharNgramLM([], TOK)
+        NgramLM([], TOK)
 
 
 def test_a_heavily_weighted_lm_decides_the_search_and_fusion_needs_a_search():
@@ -68,7 +68,7 @@ def test_a_heavily_weighted_lm_decides_the_search_and_fusion_needs_a_search():
 
     m, mel, ml, f0 = _setup(seed=3)
     m.cfg.max_decode_len = 12
-    lm = CharNgramLM(["abba"] * 5, TOK, order=6)
+    lm = NgramLM(["abba"] * 5, TOK, order=6)
     abba = TOK.encode("abba", add_bos=False, add_eos=False)
     for decoder in ("attention", "joint"):
         plain = decode_batch(m, mel, ml, f0, decoder=decoder, beam=2)

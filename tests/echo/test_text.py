@@ -1,9 +1,9 @@
-"""Text normalisation and the character tokenizer."""
+"""Text normalisation, the character tokenizer and the word-piece (BPE) tokenizer."""
 
 import pytest
 import torch
 
-from echo.text import CharTokenizer, normalize_text
+from echo.text import BpeTokenizer, CharTokenizer, normalize_text, tokenizer_from_state
 
 
 @pytest.mark.parametrize(
@@ -59,3 +59,58 @@ def test_save_load(tmp_path) -> None:
     path.write_text('{"type": "bpe"}')
     with pytest.raises(ValueError, match="not a CharTokenizer"):
         CharTokenizer.load(path)
+
+
+SENTENCES = ["the cat sat on the mat", "the hat is on the cat", "that cat sat there", "Then the rat ran!",
+             "a cat, a hat and a mat"]
+
+
+def test_bpe_learns_frequent_pieces_and_round_trips() -> None:
+    tok = BpeTokenizer.train(SENTENCES, 60)
+    assert tok.vocab_size == 60 and tok.itos[:42] == CharTokenizer().itos
+    assert tok.merges[0] == ("a", "t")  # in 12 words (cat, sat, hat, ...), more than any other pair
+    assert tok.encode("the", add_bos=False, add_eos=False) == [tok.stoi[" the"]]
+    for text in SENTENCES + ["unseen words zebra 42", "don't"]:
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        assert tok.decode(ids) == normalize_text(text)
+    assert len(tok.encode("the cat sat on the mat")) < len(CharTokenizer().encode("the cat sat on the mat"))
+    # Pieces never span a word boundary: every piece after the first character of a word is space-free.
+    for i in tok.encode("that cat sat there", add_bos=False, add_eos=False):
+        assert " " not in tok.itos[i][1:]
+
+
+def test_bpe_training_is_deterministic_and_order_free() -> None:
+    a = BpeTokenizer.train(SENTENCES, 56)
+    b = BpeTokenizer.train(list(reversed(SENTENCES)), 56)
+    assert a.merges == b.merges
+
+
+def test_bpe_unknown_characters_and_limits() -> None:
+    tok = BpeTokenizer.train(SENTENCES, 50)
+    ids = tok.encode("a#b", normalize=False, add_bos=False, add_eos=False)
+    assert tok.unk_id in ids and tok.decode(ids) == "a?b"
+    with pytest.raises(ValueError, match="at most"):
+        BpeTokenizer.train(["ab ab"], 100)
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 42"):
+        BpeTokenizer.train(SENTENCES, 10)
+    with pytest.raises(ValueError, match="merge"):
+        BpeTokenizer([("x", "yz")])
+
+
+def test_tokenizer_states_round_trip(tmp_path) -> None:
+    bpe = BpeTokenizer.train(SENTENCES, 60)
+    for tok in (CharTokenizer(), bpe):
+        back = tokenizer_from_state(tok.state())
+        assert type(back) is type(tok) and back.itos == tok.itos
+        assert back.encode("the cat, zebra") == tok.encode("the cat, zebra")
+    # Checkpoints from before word pieces stored the bare character list.
+    assert tokenizer_from_state(CharTokenizer().itos).itos == CharTokenizer().itos
+    path = tmp_path / "bpe.json"
+    bpe.save(path)
+    assert BpeTokenizer.load(path).merges == bpe.merges
+    CharTokenizer().save(path)
+    with pytest.raises(ValueError, match="not a BpeTokenizer"):
+        BpeTokenizer.load(path)
+    with pytest.raises(ValueError, match="not a tokenizer state"):
+        tokenizer_from_state({"type": "words"})

@@ -177,3 +177,26 @@ def test_ddp_two_processes_gloo_keep_identical_weights(tmp_path):
 
 def test_sampler_module_is_a_distributed_sampler():
     assert issubclass(tr.DistributedBucketSampler, torch.utils.data.DistributedSampler)
+
+
+def test_word_piece_runs_resume_only_with_the_same_tokenizer(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=2)
+    cfg.data.tokenizer, cfg.model.vocab_size = "bpe", 50
+    tokenizer = tr.make_tokenizer(cfg)
+    assert tokenizer.vocab_size == 50 and tokenizer.merges
+    train(cfg, quiet=True)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["tokenizer"] == tokenizer.state()
+    cfg.data.tokenizer, cfg.model.vocab_size = "char", 42
+    cfg.train.max_steps = 4
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train(cfg, resume=True, quiet=True)
+
+
+def test_tokenizer_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="data.tokenizer must be one of"):
+        config_from_dict({"data": {"tokenizer": "words"}})
+    cfg = _cfg(tmp_path)
+    cfg.model.vocab_size = 64
+    with pytest.raises(ValueError, match=r"model.vocab_size \(64\) != tokenizer size \(42\)"):
+        tr.make_tokenizer(cfg)
