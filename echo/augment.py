@@ -136,7 +136,7 @@ def augment_batch(inputs: dict[str, Tensor], cfg: AugmentConfig, gen: torch.Gene
         out["token_f0"] = inputs["token_f0"] * scale[:, None]
     if cfg.freq_masks or cfg.time_masks:
         lengths = out["mel_lengths"].cpu()
-        if mel is inputs["mel"]:  # the warp already made a new tensor
+        if mel is inputs["mel"]:  # tempo or the warp already made a new tensor
             mel = mel.clone()
         freq = _mask_spans(cfg.freq_masks, torch.full((batch,), cfg.freq_width), torch.full((batch,), bins), gen)
         time = _mask_spans(cfg.time_masks, (lengths.float() * cfg.time_width).long(), lengths, gen)

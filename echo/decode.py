@@ -205,7 +205,7 @@ def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | Non
     """Token ids for a padded batch: the attention decoder, greedy (``beam == 1``) or beam search;
     greedy CTC (``decoder="ctc"``, beam ignored); or joint CTC/attention search (``decoder="joint"``,
     ``beam`` hypotheses, the CTC prefix score weighted by ``ctc_weight``). ``lm``/``lm_weight``:
-    shallow fusion of a character n-gram into the attention or joint search."""
+    shallow fusion of a token n-gram (:class:`~echo.ngram.NgramLM`) into the attention or joint search."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     fusion = lm_weight > 0
@@ -228,7 +228,7 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctc-weight", type=float, default=JOINT_CTC_WEIGHT,
                         help=f"weight of the CTC prefix score with --decoder joint (default {JOINT_CTC_WEIGHT})")
     parser.add_argument("--lm", default=None, metavar="FILE",
-                        help="fuse a character n-gram trained on FILE: a manifest (.jsonl; use the training "
+                        help="fuse an n-gram of the checkpoint's tokens trained on FILE: a manifest (.jsonl; use the training "
                              "split's, never the test's) or one sentence per line")
     parser.add_argument("--lm-weight", type=float, default=LM_WEIGHT,
                         help=f"weight of the n-gram's log-probabilities with --lm (default {LM_WEIGHT})")

@@ -35,7 +35,7 @@ def run_demo(out: str | Path, *, config: str | Path = "configs/tiny.yaml", corpu
         ckpt = out / "run" / "last.pt"
     print(f"trained {result['step']} steps in {result['minutes']:.1f} min; scoring {ckpt} on the test split")
     # The decoder of the headline numbers: joint CTC/attention beam search with the training
-    # transcripts' character n-gram fused in (docs/results/tiny.md).
+    # transcripts' n-gram fused in (docs/results/tiny.md).
     scores = evaluate_manifest(ckpt, corpus / "test.jsonl", cache_dir=corpus / "cache",
                                errors_path=out / "test_errors.tsv", decoder="joint", beam=4,
                                lm=corpus / "train.jsonl")

@@ -185,7 +185,7 @@ class BpeTokenizer(CharTokenizer):
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or data.get("type") != "bpe":
             raise ValueError(f"{path} is not a BpeTokenizer file")
-        return cls([tuple(m) for m in data["merges"]], data["chars"])
+        return tokenizer_from_state(data)
 
 
 def _merge_pair(pieces: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
