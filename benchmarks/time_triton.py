@@ -1,12 +1,13 @@
 """Time one package tree's Triton backend on a GPU, beside SDPA, and show where the time goes.
 
-    python benchmarks/time_triton.py [--root DIR] [--lengths 2048 4096] [--dims 64] [--profile]
+    python benchmarks/time_triton.py [--root DIR] [--lengths 2048 4096] [--dims 64] [--methods triton cuda] [--profile]
 
 ``--root`` puts another checkout's ``echo_kernels`` first on the import path, so two
 versions can be compared on one warm card (run the script once per tree in the same
 call; clocks and neighbours then match). Prints, per (length, head dim, causal), the
 median forward and forward+backward times of bf16, B=4, H=16 with the exp bias, the
 same for SDPA's flash kernel (no rotation, no bias), and the forward's autotuned tile.
+``--methods`` picks the fused backends timed beside SDPA (``triton``, ``cuda``).
 ``--profile`` adds a per-kernel breakdown (``torch.profiler``) of one forward+backward.
 """
 
@@ -44,7 +45,7 @@ def median_ms(fn, repeats: int = 20) -> float:
 
 
 def steps(inp, method: str):
-    """(forward, forward+backward) closures of ``method`` ("triton" or "sdpa") on ``inp``."""
+    """(forward, forward+backward) closures of ``method`` ("triton", "cuda" or "sdpa") on ``inp``."""
     import torch
 
     from benchmarks.test_attention import method_fn
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--root", default=REPO, help="the tree whose echo_kernels is timed")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--dims", type=int, nargs="+", default=[64])
+    parser.add_argument("--methods", nargs="+", default=["triton"], choices=["triton", "cuda"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     _import_path(args.root)
@@ -97,14 +99,13 @@ def main() -> None:
             for causal in (False, True):
                 shape = Shape("time", 4, 16, 16, length, length, dim, causal)
                 inp = make_inputs(shape, torch.bfloat16, requires_grad=True)
-                row = []
-                for method in ("triton", "sdpa"):
-                    forward, forward_backward = steps(inp, method)
-                    row.append((median_ms(forward), median_ms(forward_backward)))
-                tile = attention_fwd_kernel.best_config
-                (tf, tb), (sf, sb) = row
-                print(f"T={length} D={dim} causal={causal}: triton fwd {tf:.3f} ms ({tf / sf:.2f}x sdpa {sf:.3f}) "
-                      f"fwd+bwd {tb:.3f} ms ({tb / sb:.2f}x sdpa {sb:.3f}); forward tile {tile}", flush=True)
+                sdpa = [median_ms(fn) for fn in steps(inp, "sdpa")]
+                for method in args.methods:
+                    fwd, fwd_bwd = (median_ms(fn) for fn in steps(inp, method))
+                    tile = f"; forward tile {attention_fwd_kernel.best_config}" if method == "triton" else ""
+                    print(f"T={length} D={dim} causal={causal}: {method} fwd {fwd:.3f} ms ({fwd / sdpa[0]:.2f}x sdpa "
+                          f"{sdpa[0]:.3f}) fwd+bwd {fwd_bwd:.3f} ms ({fwd_bwd / sdpa[1]:.2f}x sdpa {sdpa[1]:.3f}){tile}",
+                          flush=True)
     if args.profile:
         shape = Shape("profile", 4, 16, 16, args.lengths[-1], args.lengths[-1], args.dims[0], False)
         print(profile(make_inputs(shape, torch.bfloat16, requires_grad=True)), flush=True)

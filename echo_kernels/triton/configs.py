@@ -43,8 +43,8 @@ def backward_config(head_dim: int, arch: int) -> dict:
     The tile shapes fix the order in which the backward sums over tokens. A timing-based
     choice could differ between two processes and so change the last bits of the
     gradients; a table keyed on (head dim, GPU generation) keeps the backward bitwise
-    reproducible on a given device. For D <= 64, as in FlashAttention-2, the resident
-    side gets the bigger tile (keys in dK/dV, queries in dQ); larger D keeps small tiles
+    reproducible on a given device. Up to D = 128, as in FlashAttention-2, the resident
+    side gets the bigger tile (keys in dK/dV, queries in dQ); D = 256 keeps small tiles
     on both sides to limit register spills.
     ``arch``: compute capability x 10 (80 = A100, 90 = H100). Returns
     ``{"dkdv": {...}, "dq": {...}}`` of BLOCK_M, BLOCK_N, num_warps, num_stages.
@@ -52,15 +52,16 @@ def backward_config(head_dim: int, arch: int) -> dict:
     if interpreting():
         block = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK, "num_warps": 4, "num_stages": 1}
         return {"dkdv": block, "dq": dict(block)}
-    # D <= 64: timed on an H100 (``python -m benchmarks.tune_triton_backward``, T = 4096,
-    # bf16; benchmarks/results/gpu-h100-20261126): of six tables, this one was fastest
-    # (9.9 ms full, 7.2 ms causal; 8 warps: 14.0 / 9.5 ms). Larger D: from ahead-of-time
-    # compiles (``python -m echo_kernels.triton.compile_check``: fewest spills), not yet timed.
+    # Timed on an H100 (``python -m benchmarks.tune_triton_backward``, T = 4096, bf16, full
+    # mask). D <= 64 (benchmarks/results/gpu-h100-20261126): of six tables this one was
+    # fastest (9.9 ms; 8 warps 14.0 ms); re-timed in session 7 beside 2/4 stages and 64 x 64
+    # tiles, all within 2% (8.4-8.7 ms). D = 128 (benchmarks/results/gpu-h100-20261126-s7):
+    # 4 warps with 32 x 64 / 64 x 32 tiles took 11.4 ms, every 8-warp table 19-24 ms.
+    # D = 256: from ahead-of-time compiles (``python -m echo_kernels.triton.compile_check``:
+    # fewest spills), not timed.
     hopper = arch >= 90
-    if head_dim <= 64:
+    if head_dim <= 128:
         dkdv, dq, warps = (32, 64), (64, 32), 4
-    elif head_dim <= 128:
-        dkdv, dq, warps = (32, 32), (64, 32), 8
     else:
         dkdv, dq, warps = (32, 32), (32, 32), 8
     stages = 1 if head_dim >= 256 else (3 if hopper else 2)
