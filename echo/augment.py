@@ -1,9 +1,10 @@
-"""Training-time augmentation of a batch: SpecAugment masks, a vocal-tract-like mel warp, f0 scaling,
-tempo changes.
+"""Training-time augmentation of a batch: SpecAugment masks, a vocal-tract-like mel warp, a random
+spectral envelope, f0 scaling, tempo changes.
 
 The corpus's test split holds voices the model never hears in training, so the augmentations
 target what differs between voices: formant positions (the mel warp, as VTLP stretches the
-frequency axis), pitch range (f0 scaling), speaking rate (tempo: the time axis resampled, as
+frequency axis), timbre and recording colour (a smooth random gain across the mel bands, as an
+equaliser would apply), pitch range (f0 scaling), speaking rate (tempo: the time axis resampled, as
 Kaldi-style speed perturbation does without its pitch shift) and, as SpecAugment, missing bands
 and stretches.
 Every draw comes from a generator seeded by (run seed, step, process rank), so a resumed run
@@ -26,7 +27,8 @@ class AugmentConfig:
     ``time_width`` x the utterance's length, filled with the utterance's mean; ``mel_warp``:
     the mel axis stretched by a factor drawn from ``[1 - w, 1 + w]``; ``f0_scale``: frame and
     token f0 multiplied by a factor from ``[1 - s, 1 + s]``; ``tempo``: every utterance's duration
-    multiplied by a factor from ``[1 - t, 1 + t]`` (its frames resampled).
+    multiplied by a factor from ``[1 - t, 1 + t]`` (its frames resampled); ``timbre_db``: a smooth
+    gain of at most that many dB added across the mel bands (see :func:`colour_mel`).
     """
 
     freq_masks: int = 0
@@ -36,6 +38,7 @@ class AugmentConfig:
     mel_warp: float = 0.0
     f0_scale: float = 0.0
     tempo: float = 0.0
+    timbre_db: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("freq_masks", "freq_width", "time_masks"):
@@ -44,10 +47,13 @@ class AugmentConfig:
         for name in ("time_width", "mel_warp", "f0_scale", "tempo"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"augment.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.timbre_db <= 20.0:
+            raise ValueError(f"augment.timbre_db must be in [0, 20] dB, got {self.timbre_db}")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.freq_masks or self.time_masks or self.mel_warp or self.f0_scale or self.tempo)
+        return bool(self.freq_masks or self.time_masks or self.mel_warp or self.f0_scale or self.tempo
+                    or self.timbre_db)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -74,6 +80,26 @@ def warp_mel(mel: Tensor, factors: Tensor) -> Tensor:
     frac = (src - lo).to(mel.dtype)[:, None, :]
     lo, hi = (i[:, None, :].expand(-1, mel.shape[1], -1) for i in (lo, hi))
     return mel.gather(2, lo) * (1 - frac) + mel.gather(2, hi) * frac
+
+
+# Feature units per dB: ``echo.audio.log_mel`` gives log10 of power over 4, and 10 dB is one decade.
+FEATURE_PER_DB = 1.0 / 40.0
+ENVELOPE_COSINES = 3
+
+
+def colour_mel(mel: Tensor, lengths: Tensor, amplitudes_db: Tensor) -> Tensor:
+    """Add a smooth gain curve across the mel bands of each utterance's valid frames.
+
+    mel ``[B, T, M]`` (``echo.audio.log_mel`` features), lengths ``[B]``, amplitudes_db
+    ``[B, K]``: the curve is ``sum_k a_k cos(pi k m / (M - 1))`` dB over bins m = 0..M-1,
+    so its largest gain is at most ``sum_k |a_k|``. Padding frames stay as they are.
+    """
+    _, frames, bins = mel.shape
+    k = torch.arange(1, amplitudes_db.shape[1] + 1, dtype=torch.float32)
+    m = torch.arange(bins, dtype=torch.float32) / max(bins - 1, 1)
+    curve = (amplitudes_db @ torch.cos(torch.pi * k[:, None] * m[None])) * FEATURE_PER_DB  # [B, M]
+    valid = torch.arange(frames, device=mel.device)[None] < lengths.to(mel.device)[:, None]
+    return mel + curve.to(mel.device, mel.dtype)[:, None, :] * valid[..., None].to(mel.dtype)
 
 
 def stretch_time(mel: Tensor, f0: Tensor, lengths: Tensor, factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,13 +156,17 @@ def augment_batch(inputs: dict[str, Tensor], cfg: AugmentConfig, gen: torch.Gene
                                                          _uniform(batch, cfg.tempo, gen))
     if cfg.mel_warp:
         mel = warp_mel(mel, _uniform(batch, cfg.mel_warp, gen))
+    if cfg.timbre_db:
+        # Each cosine gets a third of the budget: the curve never exceeds timbre_db.
+        amplitudes = (2.0 * torch.rand(batch, ENVELOPE_COSINES, generator=gen) - 1.0) * (cfg.timbre_db / ENVELOPE_COSINES)
+        mel = colour_mel(mel, out["mel_lengths"], amplitudes)
     if cfg.f0_scale:
         scale = _uniform(batch, cfg.f0_scale, gen).to(mel.device)
         out["f0"] = out["f0"] * scale[:, None]
         out["token_f0"] = inputs["token_f0"] * scale[:, None]
     if cfg.freq_masks or cfg.time_masks:
         lengths = out["mel_lengths"].cpu()
-        if mel is inputs["mel"]:  # tempo or the warp already made a new tensor
+        if mel is inputs["mel"]:  # tempo, the warp or the colour already made a new tensor
             mel = mel.clone()
         freq = _mask_spans(cfg.freq_masks, torch.full((batch,), cfg.freq_width), torch.full((batch,), bins), gen)
         time = _mask_spans(cfg.time_masks, (lengths.float() * cfg.time_width).long(), lengths, gen)

@@ -4,7 +4,15 @@ draws depend only on (seed, step), bad settings are named."""
 import pytest
 import torch
 
-from echo.augment import AugmentConfig, augment_batch, step_generator, stretch_time, warp_mel
+from echo.augment import (
+    FEATURE_PER_DB,
+    AugmentConfig,
+    augment_batch,
+    colour_mel,
+    step_generator,
+    stretch_time,
+    warp_mel,
+)
 
 
 def _inputs(seed=0):
@@ -37,7 +45,7 @@ def test_masks_stay_inside_each_utterance_and_padding_is_untouched():
 
 
 def test_same_seed_and_step_give_the_same_draws():
-    cfg = AugmentConfig(freq_masks=2, time_masks=2, mel_warp=0.1, f0_scale=0.1, tempo=0.1)
+    cfg = AugmentConfig(freq_masks=2, time_masks=2, mel_warp=0.1, f0_scale=0.1, tempo=0.1, timbre_db=6.0)
     a = augment_batch(_inputs(), cfg, step_generator(7, 11))
     b = augment_batch(_inputs(), cfg, step_generator(7, 11))
     c = augment_batch(_inputs(), cfg, step_generator(7, 12))
@@ -68,7 +76,31 @@ def test_warp_by_one_is_identity_and_a_stretch_moves_a_peak_up():
     assert warped[0, 0].argmax() == 12 and warped[1, 0].argmax() == 8
 
 
-@pytest.mark.parametrize("kw", [{"freq_masks": -1}, {"time_width": 1.5}, {"mel_warp": -0.1}, {"tempo": 1.0}])
+def test_timbre_is_one_smooth_bounded_curve_per_utterance_and_padding_is_untouched():
+    inputs = _inputs()
+    out = augment_batch(inputs, AugmentConfig(timbre_db=6.0), step_generator(2, 5))
+    gain = out["mel"] - inputs["mel"]
+    curves = []
+    for b, n in enumerate(inputs["mel_lengths"]):
+        assert torch.equal(out["mel"][b, n:], inputs["mel"][b, n:])
+        curve = gain[b, 0]
+        assert torch.allclose(gain[b, :n], curve.expand(int(n), -1), atol=1e-6)  # the same gain in every frame
+        assert curve.abs().max() <= 6.0 * FEATURE_PER_DB + 1e-6 and curve.abs().max() > 0
+        curves.append(curve)
+    assert not torch.allclose(curves[0], curves[1])
+    # Smooth: three cosines over 20 bins change little from one bin to the next.
+    assert (curves[0].diff().abs().max() < 0.5 * curves[0].abs().max() + 1e-6)
+
+
+def test_colour_mel_adds_the_cosines_in_feature_units():
+    mel = torch.zeros(1, 2, 5)
+    out = colour_mel(mel, torch.tensor([2]), torch.tensor([[4.0, 0.0, 0.0]]))
+    want = 4.0 * FEATURE_PER_DB * torch.cos(torch.pi * torch.arange(5) / 4)
+    assert torch.allclose(out[0, 0], want) and torch.allclose(out[0, 1], want)
+
+
+@pytest.mark.parametrize("kw", [{"freq_masks": -1}, {"time_width": 1.5}, {"mel_warp": -0.1}, {"tempo": 1.0},
+                                {"timbre_db": 25.0}])
 def test_bad_settings_are_named(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         AugmentConfig(**kw)
