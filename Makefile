@@ -12,7 +12,8 @@ PY := $(ENV_DIR)/bin/python
 
 # The same torch/torchaudio/triton as the GPU machines; triton 3.6's interpreter needs numpy < 2.4.
 PINS := torch==2.11.0 torchaudio==2.11.0 triton==3.6.0 "numpy<2.4" "setuptools>=77,<82"
-TOOLS := wheel ninja pytest pytest-benchmark ruff tqdm matplotlib soundfile jiwer pyyaml tensorboard
+# nvidia-cutlass: the CUTLASS/CuTe headers the CUDA kernels compile against (as in pyproject.toml).
+TOOLS := wheel ninja nvidia-cutlass==4.2.0.0 pytest pytest-benchmark ruff tqdm matplotlib soundfile jiwer pyyaml tensorboard
 # pyworld has no wheel for Python 3.11: pip builds it, which needs numpy and Cython first.
 SOURCE_BUILT := pyworld
 DEBIAN := espeak-ng flite festival festvox-us-slt-hts festvox-kallpc16k festvox-kdlpc16k

@@ -6,6 +6,8 @@ compiled with no change here. Environment:
 * ``ECHO_KERNELS_CUDA=1`` forces the CUDA extension (compile-only on a machine
   without a GPU, as CI does); ``=0`` skips it. Default: build it when torch has
   CUDA and nvcc is found.
+* ``CUTLASS_INCLUDE_DIR``: the CUTLASS/CuTe headers the CUDA kernels use (default: those of
+  the pinned ``nvidia-cutlass`` wheel).
 * ``ECHO_KERNELS_MARCH`` sets ``-march`` for the CPU kernels (default ``native``:
   the extension is built on the machine that runs it).
 """
@@ -47,6 +49,23 @@ def cuda_include_dirs() -> list[str]:
     return [d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(d)]
 
 
+def cutlass_include_dir() -> str:
+    """CUTLASS/CuTe headers: $CUTLASS_INCLUDE_DIR, else the pinned nvidia-cutlass wheel's copy."""
+    import importlib.util
+
+    candidates = [os.environ.get("CUTLASS_INCLUDE_DIR", "")]
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(os.path.join(spec.submodule_search_locations[0], "source", "include"))
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
+            return path
+    raise RuntimeError(
+        "the CUDA extension needs the CUTLASS/CuTe headers: pip install nvidia-cutlass==4.2.0.0, "
+        "or set CUTLASS_INCLUDE_DIR to a folder holding cute/tensor.hpp (or build without CUDA: ECHO_KERNELS_CUDA=0)"
+    )
+
+
 def cpu_extension():
     march = os.environ.get("ECHO_KERNELS_MARCH", "native")
     flags = ["-O3", "-fopenmp", "-std=c++17", f"-march={march}", "-ffp-contract=off"]
@@ -69,7 +88,7 @@ def cuda_extension():
     return cpp_extension.CUDAExtension(
         "echo_kernels._C_cuda",
         sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
-        include_dirs=[os.path.join(ROOT, "csrc")] + cuda_include_dirs(),
+        include_dirs=[os.path.join(ROOT, "csrc"), cutlass_include_dir()] + cuda_include_dirs(),
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"],

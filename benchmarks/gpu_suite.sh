@@ -23,7 +23,13 @@ left() { echo $(( END - $(date +%s) )); }
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-# In-place build for this GPU's architecture only; no pip or registry needed.
+# In-place build for this GPU's architecture only; no pip or registry needed. The GPU machine's
+# python has no nvidia-cutlass: carry .venv/lib/python3*/site-packages/cutlass_library/source/include
+# (27 MB) with the tree, or point CUTLASS_INCLUDE_DIR at another copy of the headers.
+if [ -z "${CUTLASS_INCLUDE_DIR:-}" ]; then
+  CUTLASS_INCLUDE_DIR=$(ls -d "$PWD"/.venv/lib/python3*/site-packages/cutlass_library/source/include 2>/dev/null | head -n 1)
+  export CUTLASS_INCLUDE_DIR
+fi
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} ECHO_KERNELS_CUDA=1 timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || echo "build failed: see $OUT/build.log (the Triton backend still runs)"

@@ -7,7 +7,8 @@ versions can be compared on one warm card (run the script once per tree in the s
 call; clocks and neighbours then match). Prints, per (length, head dim, causal), the
 median forward and forward+backward times of bf16, B=4, H=16 with the exp bias, the
 same for SDPA's flash kernel (no rotation, no bias), and the forward's autotuned tile.
-``--methods`` picks the fused backends timed beside SDPA (``triton``, ``cuda``).
+``--methods`` picks the fused backends timed beside SDPA (``triton``, ``cuda``, and ``cuda-mma``: the
+CUDA backend with its opt-in CuTe forward, ``ECHO_KERNELS_CUDA_FORWARD=mma``).
 ``--profile`` adds a per-kernel breakdown (``torch.profiler``) of one forward+backward.
 """
 
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--root", default=REPO, help="the tree whose echo_kernels is timed")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--dims", type=int, nargs="+", default=[64])
-    parser.add_argument("--methods", nargs="+", default=["triton"], choices=["triton", "cuda"])
+    parser.add_argument("--methods", nargs="+", default=["triton"], choices=["triton", "cuda", "cuda-mma"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     _import_path(args.root)
@@ -101,7 +102,8 @@ def main() -> None:
                 inp = make_inputs(shape, torch.bfloat16, requires_grad=True)
                 sdpa = [median_ms(fn) for fn in steps(inp, "sdpa")]
                 for method in args.methods:
-                    fwd, fwd_bwd = (median_ms(fn) for fn in steps(inp, method))
+                    os.environ["ECHO_KERNELS_CUDA_FORWARD"] = "mma" if method == "cuda-mma" else "wmma"
+                    fwd, fwd_bwd = (median_ms(fn) for fn in steps(inp, method.removesuffix("-mma")))
                     tile = f"; forward tile {attention_fwd_kernel.best_config}" if method == "triton" else ""
                     print(f"T={length} D={dim} causal={causal}: {method} fwd {fwd:.3f} ms ({fwd / sdpa[0]:.2f}x sdpa "
                           f"{sdpa[0]:.3f}) fwd+bwd {fwd_bwd:.3f} ms ({fwd_bwd / sdpa[1]:.2f}x sdpa {sdpa[1]:.3f}){tile}",

@@ -135,6 +135,27 @@ def test_matches_golden(case, dtype):
 
 
 @KERNELS
+@pytest.mark.parametrize("case, dtype", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])
+def test_mma_forward_matches_golden(case, dtype, monkeypatch):
+    """The opt-in CuTe forward (ECHO_KERNELS_CUDA_FORWARD=mma) under the same rule; the backward runs from its lse."""
+    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", "mma")
+    check(case, dtype)
+
+
+@KERNELS
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+def test_mma_forward_empty_rows_and_unknown_choice(dtype, monkeypatch):
+    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", "mma")
+    case = Case(dim=128, empty_row=True, tq=113, tk=97, causal=True, heads=2, kv_heads=1, seed=36)
+    fused = check(case, dtype)
+    assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
+    assert fused["out"][1, :, :17].abs().max() == 0 and fused["out"][1, :, 75:].abs().max() == 0
+    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", "fast")
+    with pytest.raises(RuntimeError, match="ECHO_KERNELS_CUDA_FORWARD must be 'wmma' or 'mma'"):
+        run(case, make_case(case, dtype, "cuda"), "cuda")
+
+
+@KERNELS
 def test_tiny_case_for_compute_sanitizer():
     """Small enough to run under ``compute-sanitizer --tool memcheck|racecheck|initcheck`` in seconds."""
     check(Case(batch=2, heads=2, kv_heads=1, tq=5, tk=7, dim=64, causal=True, seed=30), F16)

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -125,6 +127,16 @@ RotationScratch rotation_scratch(Params& p, const at::Tensor& q, const at::Tenso
   return scratch;
 }
 
+// ECHO_KERNELS_CUDA_FORWARD picks the forward kernel: "wmma" (default, verified on an H100) or
+// "mma" (the CuTe register-resident kernel, vrope_fwd_mma.cu, not yet run on a GPU).
+bool use_mma_forward() {
+  const char* choice = std::getenv("ECHO_KERNELS_CUDA_FORWARD");
+  if (choice == nullptr || std::strcmp(choice, "wmma") == 0) return false;
+  TORCH_CHECK(std::strcmp(choice, "mma") == 0, "echo_kernels cuda: ECHO_KERNELS_CUDA_FORWARD must be 'wmma' or 'mma', got '",
+              choice, "'");
+  return true;
+}
+
 }  // namespace
 
 // Writes out [B, H, Tq, D] and lse [B, H, Tq] (float32).
@@ -140,7 +152,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   p.lse = lse.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
   const RotationScratch scratch = rotation_scratch(p, q, k);
-  launch_forward(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
+  const auto launch = use_mma_forward() ? launch_forward_mma : launch_forward;
+  launch(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
 }
 
 // Writes dq, dk, dv, the five query-side partials [B, H, Tq] (log_theta, radius, pitch,

@@ -33,8 +33,12 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const Params p) {
   const int lane = threadIdx.x % kWarpSize;
   const auto* dout = reinterpret_cast<const typename E::Pair*>(static_cast<const T*>(p.dout) + row * D);
   const auto* out = reinterpret_cast<const typename E::Pair*>(static_cast<const T*>(p.out) + row * D);
+  // Rows past the batch's query length get delta 0 without reading dout, which may hold
+  // anything there (even NaN) and would otherwise reach dS through 0 * (dP - delta).
+  const int b = static_cast<int>(row / (int64_t(p.heads) * p.tq));
+  const bool padded = static_cast<int>(row % p.tq) >= clamp_length(p.q_lengths[b], p.tq);
   float sum = 0.0f;
-  for (int m = lane; m < D / 2; m += kWarpSize) {
+  for (int m = lane; m < (padded ? 0 : D / 2); m += kWarpSize) {
     const float2 a = E::to_float2(dout[m]);
     const float2 o = E::to_float2(out[m]);
     sum += a.x * o.x + a.y * o.y;
@@ -117,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   const int j = k0 + my_row;
 
   load_plain_tile<T, D>(k_tile, k_rot, k0, p.tk);
-  load_plain_tile<T, D>(v_tile, v, k0, p.tk);
+  load_plain_tile<T, D>(v_tile, v, k0, lk);  // rows past lk may hold anything, even NaN
   const float pitch_j = j < p.tk ? p.fk.pitch[k_feat + j] : 0.0f;
   const float voiced_j = j < p.tk ? p.fk.voiced[k_feat + j] : 0.0f;
   const float qk_scale = p.scale * kLog2e;
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     for (int q0 = q_begin; q0 < lq; q0 += kTile) {
       __syncthreads();  // every warp is done with the previous q / dout tiles
       load_plain_tile<T, D>(q_tile, q_rot, q0, p.tq);
-      load_plain_tile<T, D>(do_tile, dout, q0, p.tq);
+      load_plain_tile<T, D>(do_tile, dout, q0, lq);  // rows past lq may hold anything, even NaN
       for (int c = threadIdx.x; c < kTile; c += kThreads) lse2_q[c] = backward_lse2(p.lse + row_base, q0 + c, p.tq);
       load_vector(delta_q, p.delta + row_base, q0, p.tq, 0.0f);
       load_vector(pitch_q, p.fq.pitch + q_feat, q0, p.tq, 0.0f);
@@ -272,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   const int i = q0 + my_row;
 
   load_plain_tile<T, D>(q_tile, q_rot, q0, p.tq);
-  load_plain_tile<T, D>(do_tile, dout, q0, p.tq);
+  load_plain_tile<T, D>(do_tile, dout, q0, lq);  // rows past lq may hold anything, even NaN
   const float lse2_i = backward_lse2(p.lse + row_base, i, p.tq);
   const float delta_i = i < p.tq ? p.delta[row_base + i] : 0.0f;
   const float pitch_i = i < p.tq ? p.fq.pitch[q_feat + i] : 0.0f;
@@ -296,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   for (int k0 = 0; k0 < key_end; k0 += kTile) {
     __syncthreads();  // every warp is done with the previous k / v tiles
     load_plain_tile<T, D>(k_tile, k_rot, k0, p.tk);
-    load_plain_tile<T, D>(v_tile, v, k0, p.tk);
+    load_plain_tile<T, D>(v_tile, v, k0, lk);  // rows past lk may hold anything, even NaN
     load_vector(pitch_k, p.fk.pitch + k_feat, k0, p.tk, 0.0f);
     load_vector(voiced_k, p.fk.voiced + k_feat, k0, p.tk, 0.0f);
     __syncthreads();

@@ -184,11 +184,15 @@ __device__ __forceinline__ bool allowed(int i, int j, int lq, int lk, bool causa
   return i < lq && j < lk && (!causal || j <= i + (lk - lq));
 }
 
-// Keys [0, end) can be allowed for some query of the tile starting at q0; 0 when none is.
-__device__ __forceinline__ int key_end_for_query_tile(int q0, int lq, int lk, bool causal) {
-  const int last = min(q0 + kTile, lq) - 1;
+// Keys [0, end) can be allowed for some query of rows [q0, q0 + rows); 0 when none is.
+__device__ __forceinline__ int key_end_for_query_rows(int q0, int rows, int lq, int lk, bool causal) {
+  const int last = min(q0 + rows, lq) - 1;
   if (last < q0) return 0;
   return causal ? max(0, min(lk, last + (lk - lq) + 1)) : lk;
+}
+
+__device__ __forceinline__ int key_end_for_query_tile(int q0, int lq, int lk, bool causal) {
+  return key_end_for_query_rows(q0, kTile, lq, lk, causal);
 }
 
 // First query tile (a multiple of kTile) that can attend to a key of the tile starting at k0;

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_kernel(const Params p)
   for (int k0 = 0; k0 < key_end; k0 += kTile) {
     __syncthreads();  // every warp is done with the previous K/V tile (and, first time, q_tile is written)
     load_plain_tile<T, D>(k_tile, k_rot, k0, p.tk);
-    load_plain_tile<T, D>(v_tile, v, k0, p.tk);
+    load_plain_tile<T, D>(v_tile, v, k0, lk);  // rows past lk may hold anything, even NaN
     load_vector(pitch_k, p.fk.pitch + k_feat, k0, p.tk, 0.0f);
     load_vector(voiced_k, p.fk.voiced + k_feat, k0, p.tk, 0.0f);
     __syncthreads();

@@ -82,11 +82,15 @@ struct Params {
 // Each runs the rotation prologue first, into q_rot and k_rot, then its attention kernels.
 void launch_forward(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
 void launch_backward(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
+// The register-resident CuTe forward (vrope_fwd_mma.cu): same contract and outputs as
+// launch_forward; opt-in (ECHO_KERNELS_CUDA_FORWARD=mma) until verified on a GPU.
+void launch_forward_mma(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
 
 // Dynamic shared memory (bytes) the largest kernel of each pass needs for head_dim, so the
 // Python side can refuse a GPU whose per-block opt-in limit is smaller (e.g. sm86 / sm89).
 int forward_shared_memory_bytes(int head_dim);
 int backward_shared_memory_bytes(int head_dim);
+int forward_mma_shared_memory_bytes(int head_dim);
 
 }  // namespace vrope
 }  // namespace echo
