@@ -8,7 +8,7 @@ call; clocks and neighbours then match). Prints, per (length, head dim, causal),
 median forward and forward+backward times of bf16, B=4, H=16 with the exp bias, the
 same for SDPA's flash kernel (no rotation, no bias), and the forward's autotuned tile.
 ``--methods`` picks the fused backends timed beside SDPA (``triton``, ``cuda``, and ``cuda-mma``: the
-CUDA backend with its opt-in CuTe forward, ``ECHO_KERNELS_CUDA_FORWARD=mma``).
+CUDA backend with its opt-in CuTe kernels, ``ECHO_KERNELS_CUDA_FORWARD=mma`` and ``ECHO_KERNELS_CUDA_BACKWARD=mma``).
 ``--profile`` adds a per-kernel breakdown (``torch.profiler``) of one forward+backward.
 """
 
@@ -102,7 +102,8 @@ def main() -> None:
                 inp = make_inputs(shape, torch.bfloat16, requires_grad=True)
                 sdpa = [median_ms(fn) for fn in steps(inp, "sdpa")]
                 for method in args.methods:
-                    os.environ["ECHO_KERNELS_CUDA_FORWARD"] = "mma" if method == "cuda-mma" else "wmma"
+                    for variable in ("ECHO_KERNELS_CUDA_FORWARD", "ECHO_KERNELS_CUDA_BACKWARD"):
+                        os.environ[variable] = "mma" if method == "cuda-mma" else "wmma"
                     fwd, fwd_bwd = (median_ms(fn) for fn in steps(inp, method.removesuffix("-mma")))
                     tile = f"; forward tile {attention_fwd_kernel.best_config}" if method == "triton" else ""
                     print(f"T={length} D={dim} causal={causal}: {method} fwd {fwd:.3f} ms ({fwd / sdpa[0]:.2f}x sdpa "

@@ -134,25 +134,36 @@ def test_matches_golden(case, dtype):
     check(case, dtype)
 
 
+# The opt-in CuTe kernels (csrc/cuda/vrope_*_mma.cu), one pass at a time so a failure names its kernel;
+# the other pass runs the default WMMA kernel (the backward reads the mma forward's lse and output).
+MMA_PASSES = {"forward": "ECHO_KERNELS_CUDA_FORWARD", "backward": "ECHO_KERNELS_CUDA_BACKWARD"}
+
+
 @KERNELS
+@pytest.mark.parametrize("mma_pass", list(MMA_PASSES))
 @pytest.mark.parametrize("case, dtype", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])
-def test_mma_forward_matches_golden(case, dtype, monkeypatch):
-    """The opt-in CuTe forward (ECHO_KERNELS_CUDA_FORWARD=mma) under the same rule; the backward runs from its lse."""
-    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", "mma")
+def test_mma_kernels_match_golden(case, dtype, mma_pass, monkeypatch):
+    monkeypatch.setenv(MMA_PASSES[mma_pass], "mma")
     check(case, dtype)
 
 
 @KERNELS
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
-def test_mma_forward_empty_rows_and_unknown_choice(dtype, monkeypatch):
-    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", "mma")
-    case = Case(dim=128, empty_row=True, tq=113, tk=97, causal=True, heads=2, kv_heads=1, seed=36)
+def test_mma_kernels_empty_rows_determinism_and_unknown_choice(dtype, monkeypatch):
+    for variable in MMA_PASSES.values():
+        monkeypatch.setenv(variable, "mma")
+    case = Case(dim=128, empty_row=True, tq=113, tk=97, causal=True, heads=4, kv_heads=2, seed=36)
     fused = check(case, dtype)
     assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
+    assert fused["q"][0].abs().max() == 0 and fused["k"][0].abs().max() == 0
     assert fused["out"][1, :, :17].abs().max() == 0 and fused["out"][1, :, 75:].abs().max() == 0
-    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", "fast")
-    with pytest.raises(RuntimeError, match="ECHO_KERNELS_CUDA_FORWARD must be 'wmma' or 'mma'"):
-        run(case, make_case(case, dtype, "cuda"), "cuda")
+    inputs = make_case(case, dtype, "cuda")
+    first, second = run(case, inputs, "cuda"), run(case, inputs, "cuda")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    monkeypatch.setenv(MMA_PASSES["backward"], "fast")
+    with pytest.raises(RuntimeError, match="ECHO_KERNELS_CUDA_BACKWARD must be 'wmma' or 'mma'"):
+        run(case, inputs, "cuda")
 
 
 @KERNELS

@@ -35,13 +35,14 @@ pybind11::dict build_info() {
   info["nvcc"] = std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__);
 #endif
   info["arch_list"] = echo_cuda_arch_list();
-  info["mma"] = "wmma (mma.sync 16x16x16, fp32 accumulate); opt-in forward: CuTe SM80 m16n8k16";
+  info["mma"] = "wmma (mma.sync 16x16x16, fp32 accumulate); opt-in forward and backward: CuTe SM80 m16n8k16";
   info["tile"] = 64;
   info["head_dims"] = pybind11::make_tuple(64, 128);
   pybind11::dict shared;
   for (int dim : {64, 128}) {
     shared[pybind11::int_(dim)] = std::max({echo::vrope::forward_shared_memory_bytes(dim),
                                             echo::vrope::forward_mma_shared_memory_bytes(dim),
+                                            echo::vrope::backward_mma_shared_memory_bytes(dim),
                                             echo::vrope::backward_shared_memory_bytes(dim)});
   }
   info["shared_memory_bytes"] = shared;

@@ -127,12 +127,13 @@ RotationScratch rotation_scratch(Params& p, const at::Tensor& q, const at::Tenso
   return scratch;
 }
 
-// ECHO_KERNELS_CUDA_FORWARD picks the forward kernel: "wmma" (default, verified on an H100) or
-// "mma" (the CuTe register-resident kernel, vrope_fwd_mma.cu, not yet run on a GPU).
-bool use_mma_forward() {
-  const char* choice = std::getenv("ECHO_KERNELS_CUDA_FORWARD");
+// ECHO_KERNELS_CUDA_FORWARD and ECHO_KERNELS_CUDA_BACKWARD pick each pass's kernels: "wmma"
+// (default, verified on an H100) or "mma" (the CuTe register-resident kernels,
+// vrope_fwd_mma.cu / vrope_bwd_mma.cu, not yet run on a GPU).
+bool use_mma(const char* variable) {
+  const char* choice = std::getenv(variable);
   if (choice == nullptr || std::strcmp(choice, "wmma") == 0) return false;
-  TORCH_CHECK(std::strcmp(choice, "mma") == 0, "echo_kernels cuda: ECHO_KERNELS_CUDA_FORWARD must be 'wmma' or 'mma', got '",
+  TORCH_CHECK(std::strcmp(choice, "mma") == 0, "echo_kernels cuda: ", variable, " must be 'wmma' or 'mma', got '",
               choice, "'");
   return true;
 }
@@ -152,7 +153,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   p.lse = lse.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
   const RotationScratch scratch = rotation_scratch(p, q, k);
-  const auto launch = use_mma_forward() ? launch_forward_mma : launch_forward;
+  const auto launch = use_mma("ECHO_KERNELS_CUDA_FORWARD") ? launch_forward_mma : launch_forward;
   launch(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
 }
 
@@ -198,7 +199,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   p.dpitch_k = k_parts[2].data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
   const RotationScratch scratch = rotation_scratch(p, q, k);
-  launch_backward(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
+  const auto launch = use_mma("ECHO_KERNELS_CUDA_BACKWARD") ? launch_backward_mma : launch_backward;
+  launch(p, element_type(q), static_cast<int>(q.size(3)), c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace vrope

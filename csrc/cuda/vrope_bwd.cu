@@ -47,14 +47,6 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const Params p) {
   if (lane == 0) p.delta[row] = sum;
 }
 
-// Per-row log2-domain lse for the backward: +inf on rows with no allowed key (or past the
-// length), so exp2(s - lse) = 0 there instead of NaN from -inf - -inf.
-__device__ __forceinline__ float backward_lse2(const float* lse, int t, int length) {
-  if (t >= length) return kInf;
-  const float value = lse[t];
-  return value == -kInf ? kInf : value * kLog2e;
-}
-
 // ---- 2. dK / dV ------------------------------------------------------------------------------
 
 template <int D>
@@ -383,11 +375,16 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
 }
 
 template <typename T, int D>
-void run_backward(const Params& p, cudaStream_t stream) {
+void run_delta(const Params& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.batch) * p.heads * p.tq;
   const unsigned delta_blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
   delta_kernel<T, D><<<delta_blocks, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+void run_backward(const Params& p, cudaStream_t stream) {
+  run_delta<T, D>(p, stream);
 
   constexpr int dkdv_bytes = DkdvSmem<D>::kBytes;
   auto* dkdv = dkdv_kernel<T, D>;
@@ -409,6 +406,12 @@ void run_backward(const Params& p, cudaStream_t stream) {
 int backward_shared_memory_bytes(int head_dim) {
   if (head_dim == 64) return DkdvSmem<64>::kBytes > DqSmem<64>::kBytes ? DkdvSmem<64>::kBytes : DqSmem<64>::kBytes;
   return DkdvSmem<128>::kBytes > DqSmem<128>::kBytes ? DkdvSmem<128>::kBytes : DqSmem<128>::kBytes;
+}
+
+void launch_delta(const Params& params, ElementType type, int head_dim, cudaStream_t stream) {
+  dispatch_type_and_dim(type, head_dim, [&](auto element, auto dim) {
+    run_delta<decltype(element), decltype(dim)::value>(params, stream);
+  });
 }
 
 void launch_backward(const Params& params, ElementType type, int head_dim, cudaStream_t stream) {

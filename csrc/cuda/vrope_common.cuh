@@ -195,13 +195,25 @@ __device__ __forceinline__ int key_end_for_query_tile(int q0, int lq, int lk, bo
   return key_end_for_query_rows(q0, kTile, lq, lk, causal);
 }
 
-// First query tile (a multiple of kTile) that can attend to a key of the tile starting at k0;
+// First query tile (a multiple of `rows`) that can attend to a key of the tile starting at k0;
 // queries past lq attend to nothing, so the caller loops [begin, lq). Returns lq when no key
 // of the tile is valid.
-__device__ __forceinline__ int query_tile_begin_for_key_tile(int k0, int lq, int lk, bool causal) {
+__device__ __forceinline__ int query_rows_begin_for_keys(int k0, int rows, int lq, int lk, bool causal) {
   if (k0 >= lk) return lq;
   const int first = causal ? max(0, k0 - (lk - lq)) : 0;
-  return first / kTile * kTile;
+  return first / rows * rows;
+}
+
+__device__ __forceinline__ int query_tile_begin_for_key_tile(int k0, int lq, int lk, bool causal) {
+  return query_rows_begin_for_keys(k0, kTile, lq, lk, causal);
+}
+
+// Per-row log2-domain lse for the backward: +inf on rows with no allowed key (or past the
+// length), so exp2(s - lse) = 0 there instead of NaN from -inf - -inf.
+__device__ __forceinline__ float backward_lse2(const float* lse, int t, int length) {
+  if (t >= length) return kInf;
+  const float value = lse[t];
+  return value == -kInf ? kInf : value * kLog2e;
 }
 
 // ---- pitch bias ----------------------------------------------------------------------------

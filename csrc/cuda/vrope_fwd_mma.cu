@@ -16,60 +16,28 @@
 // ECHO_KERNELS_CUDA_FORWARD=mma (vrope_api.cpp); the WMMA kernel stays the default.
 #include <c10/cuda/CUDAException.h>
 
-#include <cute/tensor.hpp>
-
-#include "cuda/vrope_common.cuh"
+#include "cuda/vrope_cute.cuh"
 
 namespace echo {
 namespace vrope {
 namespace {
 
 using namespace cute;
+using namespace mma;
 
-// CuTe's names for the 16-bit element types (same bits as __half / __nv_bfloat16).
-template <typename T>
-struct CuteElement;
-template <>
-struct CuteElement<__half> {
-  using type = cute::half_t;
-  using Mma = SM80_16x8x16_F32F16F16F32_TN;
-};
-template <>
-struct CuteElement<__nv_bfloat16> {
-  using type = cute::bfloat16_t;
-  using Mma = SM80_16x8x16_F32BF16BF16F32_TN;
-};
-
-// Tile shapes, thread layouts and shared-memory layouts of one (element type, head dim).
+// Tile shapes and shared memory of one (element type, head dim).
 template <typename T, int D>
 struct MmaForward {
-  using Elem = typename CuteElement<T>::type;
+  using K = Kit<T>;
+  using Elem = typename K::Elem;
   static constexpr int kBlockM = 128;  // query rows per CTA: 4 warps x 2 row groups of 16
   // Keys per tile: at D = 128 a 64-key tile's scores and probabilities (96 registers) on top of
   // the 128-register output accumulator spill; 32 keys fit.
   static constexpr int kBlockN = D == 64 ? 64 : 32;
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * kWarpSize;
   static_assert(D % 64 == 0, "rows are tiled in 64-element (128-byte) swizzle atoms");
-
-  // Warps stacked along M; the N and K permutation of 16 lets one ldmatrix.x4 feed two atoms.
-  using TiledMma = TiledMMA<MMA_Atom<typename CuteElement<T>::Mma>, Layout<Shape<Int<kWarps>, _1, _1>>,
-                            Tile<Int<16 * kWarps>, _16, _16>>;
-
-  // 8 rows x 64 elements (128 bytes) with the 16-byte chunks XOR-swizzled by row: the 8 rows an
-  // ldmatrix phase reads hit 8 different bank groups.
-  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using LayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<D>>{}));
-  using LayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<D>>{}));
-  // v read as v^T [D][kBlockN] for P . V: (d, n) -> the (n, d) element of the KV layout.
-  using LayoutVt = decltype(composition(LayoutKV{}, make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
-
-  // Global -> shared: 16 bytes (8 elements) per thread per copy, 8 threads per 64-element row.
-  using GmemCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Elem>{},
-                                            Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>{},
-                                            Layout<Shape<_1, _8>>{}));
-  using LdsmAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
-  using LdsmTransposedAtom = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
+  using LayoutQ = typename K::template SmemTile<kBlockM, D>;
+  using LayoutKV = typename K::template SmemTile<kBlockN, D>;
+  using LayoutVt = typename K::template SmemTileT<kBlockN, D>;  // v^T [D][kBlockN] for P . V
 
   struct Shared {
     alignas(128) Elem q[cosize_v<LayoutQ>];
@@ -79,86 +47,6 @@ struct MmaForward {
     alignas(16) float voiced_k[kBlockN];
   };
 };
-
-// ---- register-layout views -------------------------------------------------------------------
-
-// An m16n8 accumulator fragment ((2 columns, 2 row halves), MMA_M, MMA_N) viewed as
-// (rows = (2, MMA_M), columns = (2, MMA_N)), so row-wise softmax loops are plain 2-D loops.
-template <typename Layout>
-__device__ __forceinline__ auto rows_by_columns(Layout acc) {
-  static_assert(decltype(rank(acc))::value == 3 && decltype(size<0>(acc))::value == 4, "an m16n8 accumulator");
-  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)), make_layout(get<0, 0>(acc), get<2>(acc)));
-}
-
-// The same registers as the A operand of an m16n8k16 product: two neighbouring n8 accumulator
-// tiles hold exactly the eight values one k16 A fragment wants, in its order.
-template <typename Layout>
-__device__ __forceinline__ auto accumulator_as_a(Layout acc) {
-  auto split = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // ((2,2), M, (2, N/2))
-  return make_layout(make_layout(get<0>(split), get<2, 0>(split)), get<1>(split), get<2, 1>(split));
-}
-
-// Max and sum over the four lanes of a quad: they hold the same accumulator rows.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
-  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(kFullMask, x, 1);
-  return x + __shfl_xor_sync(kFullMask, x, 2);
-}
-
-// ---- copies and products -----------------------------------------------------------------------
-
-// cp.async of a tile's rows [0, valid) (source rows in global memory); rows at or past `valid`
-// are zero-filled in shared memory instead of read, so nothing past a length is touched and
-// no garbage (v is not zeroed past the length) can reach a product.
-template <typename Copy, typename Src, typename Dst, typename Coord>
-__device__ __forceinline__ void copy_rows(const Copy& copy_op, const Src& src, Dst& dst, const Coord& coord, int valid) {
-#pragma unroll
-  for (int m = 0; m < size<1>(dst); ++m) {
-    if (get<0>(coord(0, m, 0)) < valid) {
-#pragma unroll
-      for (int c = 0; c < size<2>(dst); ++c) cute::copy(copy_op, src(_, m, c), dst(_, m, c));
-    } else {
-      cute::clear(dst(_, m, _));
-    }
-  }
-}
-
-// acc += A . B^T with both operands in shared memory, streamed through registers one k16 slice
-// ahead of the tensor cores.
-template <typename Acc, typename RegA, typename RegB, typename SmemA, typename SmemB, typename Mma, typename CopyA,
-          typename ThrCopyA, typename CopyB, typename ThrCopyB>
-__device__ __forceinline__ void gemm_smem(Acc& acc, RegA& ra, RegB& rb, const SmemA& sa, const SmemB& sb, const Mma& mma,
-                                          const CopyA& copy_a, const ThrCopyA& thr_a, const CopyB& copy_b,
-                                          const ThrCopyB& thr_b) {
-  auto ra_view = thr_a.retile_D(ra);
-  auto rb_view = thr_b.retile_D(rb);
-  cute::copy(copy_a, sa(_, _, _0{}), ra_view(_, _, _0{}));
-  cute::copy(copy_b, sb(_, _, _0{}), rb_view(_, _, _0{}));
-#pragma unroll
-  for (int kk = 0; kk < size<2>(ra); ++kk) {
-    if (kk + 1 < size<2>(ra)) {
-      cute::copy(copy_a, sa(_, _, kk + 1), ra_view(_, _, kk + 1));
-      cute::copy(copy_b, sb(_, _, kk + 1), rb_view(_, _, kk + 1));
-    }
-    cute::gemm(mma, ra(_, _, kk), rb(_, _, kk), acc);
-  }
-}
-
-// acc += A . B^T with A already in registers (the probabilities) and B in shared memory.
-template <typename Acc, typename RegA, typename RegB, typename SmemB, typename Mma, typename CopyB, typename ThrCopyB>
-__device__ __forceinline__ void gemm_regs_smem(Acc& acc, const RegA& ra, RegB& rb, const SmemB& sb, const Mma& mma,
-                                               const CopyB& copy_b, const ThrCopyB& thr_b) {
-  auto rb_view = thr_b.retile_D(rb);
-  cute::copy(copy_b, sb(_, _, _0{}), rb_view(_, _, _0{}));
-#pragma unroll
-  for (int kk = 0; kk < size<2>(ra); ++kk) {
-    if (kk + 1 < size<2>(ra)) cute::copy(copy_b, sb(_, _, kk + 1), rb_view(_, _, kk + 1));
-    cute::gemm(mma, ra(_, _, kk), rb(_, _, kk), acc);
-  }
-}
 
 // ---- logits ------------------------------------------------------------------------------------
 
@@ -233,21 +121,10 @@ __device__ __forceinline__ void online_softmax(Scores& s, Out& o, RowState<kRows
   }
 }
 
-// Probabilities rounded to the element type, two neighbouring columns per 32-bit register, as
-// the m16n8k16 A operand packs them.
-template <typename T, typename Acc, typename Frag>
-__device__ __forceinline__ void round_probabilities(const Acc& acc, Frag& frag) {
-  constexpr int kValues = decltype(size(acc))::value;
-  static_assert(kValues % 2 == 0, "values come in column pairs");
-  auto* pairs = reinterpret_cast<typename Element<T>::Pair*>(frag.data());
-#pragma unroll
-  for (int n = 0; n < kValues / 2; ++n) pairs[n] = Element<T>::pair(acc(2 * n), acc(2 * n + 1));
-}
-
 // ---- the kernel ---------------------------------------------------------------------------------
 
 template <typename T, int D>
-__global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) vrope_forward_mma_kernel(const Params p) {
   using Cfg = MmaForward<T, D>;
   using Elem = typename Cfg::Elem;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -266,13 +143,9 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
   const int key_end = key_end_for_query_rows(q0, kBlockM, lq, lk, p.causal);
 
   // Global tensors of this (b, head): rotated q, rotated k, v, all [T][D] row-major.
-  const auto rows_of = [](const void* base, int64_t offset, int length) {
-    return make_tensor(make_gmem_ptr(static_cast<const Elem*>(base) + offset), make_shape(length, Int<D>{}),
-                       make_stride(Int<D>{}, _1{}));
-  };
-  Tensor m_q = rows_of(p.q_rot, head_offset(b, head, p.heads, p.tq, D), p.tq);
-  Tensor m_k = rows_of(p.k_rot, head_offset(b, kv_head, p.kv_heads, p.tk, D), p.tk);
-  Tensor m_v = rows_of(p.v, head_offset(b, kv_head, p.kv_heads, p.tk, D), p.tk);
+  Tensor m_q = global_rows<Elem, D>(p.q_rot, head_offset(b, head, p.heads, p.tq, D), p.tq);
+  Tensor m_k = global_rows<Elem, D>(p.k_rot, head_offset(b, kv_head, p.kv_heads, p.tk, D), p.tk);
+  Tensor m_v = global_rows<Elem, D>(p.v, head_offset(b, kv_head, p.kv_heads, p.tk, D), p.tk);
   Tensor g_q = local_tile(m_q, Shape<Int<kBlockM>, Int<D>>{}, make_coord(m_block, 0));
 
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename Cfg::LayoutQ{});
@@ -280,7 +153,7 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
   Tensor s_v = make_tensor(make_smem_ptr(smem.v), typename Cfg::LayoutKV{});
   Tensor s_vt = make_tensor(make_smem_ptr(smem.v), typename Cfg::LayoutVt{});
 
-  typename Cfg::GmemCopy gmem_copy;
+  typename Cfg::K::GmemCopy gmem_copy;
   auto gmem_thr = gmem_copy.get_thread_slice(tid);
   Tensor tq_s = gmem_thr.partition_D(s_q);
   Tensor tk_s = gmem_thr.partition_D(s_k);
@@ -294,7 +167,7 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
   // Key features (pitch, voiced) of column `tid` of the tile starting at k0, zero past the
   // sequence: read into registers a tile ahead, while the tensor cores work, and stored to
   // shared memory after the barrier that frees the previous tile's copy.
-  static_assert(kBlockN <= Cfg::kThreads, "one key column per thread");
+  static_assert(kBlockN <= kThreads, "one key column per thread");
   const auto fetch_key_features = [&](int k0) {
     const int j = k0 + tid;
     const bool inside = tid < kBlockN && j < p.tk;
@@ -307,32 +180,31 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
     }
   };
 
-  typename Cfg::TiledMma mma;
+  typename Cfg::K::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
   Tensor r_q = thr_mma.partition_fragment_A(s_q);  // (MMA, MMA_M, MMA_K)
   Tensor r_k = thr_mma.partition_fragment_B(s_k);  // (MMA, MMA_N, MMA_K)
   // Fragment shape only: a plain [D][kBlockN] layout (the swizzled v^T view has the same shape).
-  Tensor r_vt = thr_mma.partition_fragment_B(
-      make_tensor(make_smem_ptr(smem.v), make_layout(Shape<Int<D>, Int<kBlockN>>{}, GenRowMajor{})));
+  Tensor r_vt = transposed_b_fragment<decltype(thr_mma), Elem, D, kBlockN>(thr_mma, smem.v);
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<D>>{});  // (MMA, MMA_M, MMA_N)
   clear(acc_o);
 
-  auto ldsm_q = make_tiled_copy_A(typename Cfg::LdsmAtom{}, mma);
+  auto ldsm_q = make_tiled_copy_A(typename Cfg::K::Ldsm{}, mma);
   auto ldsm_q_thr = ldsm_q.get_thread_slice(tid);
   Tensor sq_ldsm = ldsm_q_thr.partition_S(s_q);
-  auto ldsm_k = make_tiled_copy_B(typename Cfg::LdsmAtom{}, mma);
+  auto ldsm_k = make_tiled_copy_B(typename Cfg::K::Ldsm{}, mma);
   auto ldsm_k_thr = ldsm_k.get_thread_slice(tid);
   Tensor sk_ldsm = ldsm_k_thr.partition_S(s_k);
-  auto ldsm_v = make_tiled_copy_B(typename Cfg::LdsmTransposedAtom{}, mma);
+  auto ldsm_v = make_tiled_copy_B(typename Cfg::K::LdsmT{}, mma);
   auto ldsm_v_thr = ldsm_v.get_thread_slice(tid);
   Tensor svt_ldsm = ldsm_v_thr.partition_S(s_vt);
 
   // Coordinates (row in the tile, column in the tile) of every accumulator register.
   Tensor score_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor score_rc = make_tensor(score_coords.data(), rows_by_columns(score_coords.layout()));
+  Tensor score_rc = rows_by_columns_view(score_coords);
   Tensor out_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<D>>{}));
-  Tensor out_rc_coords = make_tensor(out_coords.data(), rows_by_columns(out_coords.layout()));
-  Tensor o_rc = make_tensor(acc_o.data(), rows_by_columns(acc_o.layout()));
+  Tensor out_rc_coords = rows_by_columns_view(out_coords);
+  Tensor o_rc = rows_by_columns_view(acc_o);
 
   constexpr int kRows = decltype(size<0>(o_rc))::value;
   RowState<kRows> rows;
@@ -366,7 +238,7 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
     const float2 next_features = more ? fetch_key_features(k0 + kBlockN) : make_float2(0.0f, 0.0f);
 
     gemm_smem(acc_s, r_q, r_k, sq_ldsm, sk_ldsm, mma, ldsm_q, ldsm_q_thr, ldsm_k, ldsm_k_thr);
-    Tensor s_rc = make_tensor(acc_s.data(), rows_by_columns(acc_s.layout()));
+    Tensor s_rc = rows_by_columns_view(acc_s);
     const bool mask = q0 + kBlockM > lq || k0 + kBlockN > lk || (p.causal && k0 + kBlockN - 1 > q0 + (lk - lq));
     if (mask) {
       tile_logits_for_bias<true>(s_rc, score_rc, rows, k0, smem.pitch_k, smem.voiced_k, qk_scale, bias, lq, lk,
@@ -385,8 +257,7 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
       store_key_features(next_features);
     }
 
-    Tensor r_p = make_tensor<Elem>(acc_s.layout());
-    round_probabilities<T>(acc_s, r_p);
+    Tensor r_p = rounded_pairs<T>(acc_s);
     Tensor r_p_a = make_tensor(r_p.data(), accumulator_as_a(r_p.layout()));
     gemm_regs_smem(acc_o, r_p_a, r_vt, svt_ldsm, mma, ldsm_v, ldsm_v_thr);
   }
@@ -395,20 +266,15 @@ __global__ void __launch_bounds__(MmaForward<T, D>::kThreads) vrope_forward_mma_
   T* out = static_cast<T*>(p.out) + head_offset(b, head, p.heads, p.tq, D);
   float* lse = p.lse + (int64_t(b) * p.heads + head) * p.tq;
   const int lane = tid % kWarpSize;
+  float inv[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const float l = quad_sum(rows.sum[r]);
+    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
     const int i = rows.index[r];
-    if (i >= p.tq) continue;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    auto* out_row = reinterpret_cast<typename Element<T>::Pair*>(out + int64_t(i) * D);
-#pragma unroll
-    for (int c = 0; c < size<1>(o_rc); c += 2) {
-      const int d = get<1>(out_rc_coords(r, c));  // even; column d + 1 is register c + 1
-      out_row[d / 2] = Element<T>::pair(o_rc(r, c) * inv, o_rc(r, c + 1) * inv);
-    }
-    if (lane % 4 == 0) lse[i] = l > 0.0f ? (rows.max[r] + log2f(l)) * kLn2 : -kInf;
+    if (lane % 4 == 0 && i < p.tq) lse[i] = l > 0.0f ? (rows.max[r] + log2f(l)) * kLn2 : -kInf;
   }
+  store_rows<T>(o_rc, out_rc_coords, inv, out, D, q0, p.tq);
 }
 
 template <typename T, int D>
@@ -418,7 +284,7 @@ void run_forward_mma(const Params& p, cudaStream_t stream) {
   auto* kernel = vrope_forward_mma_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid((p.tq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads, p.batch);
-  kernel<<<grid, Cfg::kThreads, bytes, stream>>>(p);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -85,12 +85,19 @@ void launch_backward(const Params& params, ElementType type, int head_dim, cudaS
 // The register-resident CuTe forward (vrope_fwd_mma.cu): same contract and outputs as
 // launch_forward; opt-in (ECHO_KERNELS_CUDA_FORWARD=mma) until verified on a GPU.
 void launch_forward_mma(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
+// The register-resident CuTe backward (vrope_bwd_mma.cu): same contract and outputs as
+// launch_backward; opt-in (ECHO_KERNELS_CUDA_BACKWARD=mma) until verified on a GPU.
+void launch_backward_mma(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
+// delta = rowsum(dout * out) (0 past the query lengths) into Params::delta: the first step of
+// both backwards (vrope_bwd.cu).
+void launch_delta(const Params& params, ElementType type, int head_dim, cudaStream_t stream);
 
 // Dynamic shared memory (bytes) the largest kernel of each pass needs for head_dim, so the
 // Python side can refuse a GPU whose per-block opt-in limit is smaller (e.g. sm86 / sm89).
 int forward_shared_memory_bytes(int head_dim);
 int backward_shared_memory_bytes(int head_dim);
 int forward_mma_shared_memory_bytes(int head_dim);
+int backward_mma_shared_memory_bytes(int head_dim);
 
 }  // namespace vrope
 }  // namespace echo
