@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run on a GPU machine, inside a time budget: build the extensions, run the GPU tests
 # (with compute-sanitizer memcheck and racecheck on a tiny case beside them), then the
-# benchmark until the budget is spent. Leaves 7 files in one folder:
-#   env.txt build.log tests.log sanitizer.log bench.log bench-fwd.json bench-fwdbwd.json
+# benchmark until the budget is spent. Leaves 8 files in one folder:
+#   env.txt build.log tests.log sanitizer.log time-mma.log bench.log bench-fwd.json bench-fwdbwd.json
 # and, where matplotlib exists, bench.md and the plots (``python -m benchmarks.report`` redraws them anywhere).
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR] [SECONDS]   (defaults: benchmarks/results/gpu-<date>, 1800)
 # Uses the machine's python3 as it is (no installs): torch, triton, pytest, pytest-xdist, pytest-benchmark.
@@ -37,11 +37,14 @@ echo "build: $(( $(date +%s) - start )) s"
 
 # The sanitizers watch one tiny case in their own processes while the suite runs.
 (
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer --tool $tool"
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 \
-      $PY -m pytest tests/test_cuda.py -k tiny_case_for_compute_sanitizer -q -p no:cacheprovider 2>&1 | tail -n 25
-    echo "exit: ${PIPESTATUS[0]}"
+  for kernels in wmma mma; do
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer --tool $tool, $kernels kernels"
+      ECHO_KERNELS_CUDA_FORWARD=$kernels ECHO_KERNELS_CUDA_BACKWARD=$kernels timeout 240 \
+        compute-sanitizer --tool $tool --error-exitcode 9 \
+        $PY -m pytest tests/test_cuda.py -k tiny_case_for_compute_sanitizer -q -p no:cacheprovider 2>&1 | tail -n 25
+      echo "exit: ${PIPESTATUS[0]}"
+    done
   done
 ) > "$OUT/sanitizer.log" 2>&1 &
 sanitizer=$!
@@ -53,6 +56,13 @@ timeout 300 $PY -m pytest -n 8 ${ECHO_GPU_TESTS:-tests/test_cuda.py tests/test_t
 echo "tests ($(( $(date +%s) - start )) s): $(tail -n 1 "$OUT/tests.log")"
 wait $sanitizer
 grep -h "ERROR SUMMARY\|exit:" "$OUT/sanitizer.log" | tr '\n' ' '; echo
+
+# The opt-in CuTe kernels (ECHO_KERNELS_CUDA_{FORWARD,BACKWARD}=mma) timed beside Triton, the
+# WMMA kernels and SDPA, until they replace the WMMA ones.
+start=$(date +%s)
+timeout 240 $PY benchmarks/time_triton.py --methods triton cuda cuda-mma --lengths 4096 16384 --dims 64 128 \
+  > "$OUT/time-mma.log" 2>&1
+echo "time_triton with cuda-mma ($(( $(date +%s) - start )) s): $OUT/time-mma.log"
 
 # The benchmark gets what is left, split between forward and forward+backward; a case
 # that starts before its deadline finishes, so keep 60 s in reserve.
