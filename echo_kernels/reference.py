@@ -65,6 +65,18 @@ def allowed_mask(
     return allowed[:, None]
 
 
+def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
+    """``x`` ``[B, H, T, D]`` with every token at or past its batch entry's length set to 0.
+
+    Padding may hold anything, NaN included (``torch.empty``, a reused buffer). The contract
+    ignores it, but 0 * NaN = NaN would carry it through a product with masked-out
+    probabilities. ``masked_fill`` (not a multiply) also gives those tokens a gradient of
+    exactly 0 and stops a NaN gradient arriving there.
+    """
+    valid = torch.arange(x.shape[2], device=x.device) < lengths.to(x.device)[:, None]
+    return x.masked_fill(~valid[:, None, :, None], 0)
+
+
 def masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
     """Softmax over the last dim of float scores; rows with no allowed key give exactly 0.
 
@@ -94,12 +106,13 @@ def reference_attention(
     """Dense vRoPE + pitch-bias attention.
 
     Shapes: q ``[B, H, Tq, D]``, k/v ``[B, Hk, Tk, D]``, features ``[B, T]``, alpha ``[H]``,
-    beta 0-d, lengths integer ``[B]``. Returns ``[B, H, Tq, D]`` in q's dtype. Scores,
+    beta 0-d, lengths integer ``[B]`` (tokens past them are ignored, whatever they hold). Returns ``[B, H, Tq, D]`` in q's dtype. Scores,
     bias and softmax are float32 (float64 for float64 inputs); the two matmuls run in
     the input dtype, as a fused kernel's tensor-core matmuls do.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     stat_dtype = fq.pos.dtype
+    q, k, v = zero_padding(q, q_lengths), zero_padding(k, k_lengths), zero_padding(v, k_lengths)
     qr = _rotate_complex(q, fq)
     kr = _rotate_complex(k, fk).repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
@@ -109,4 +122,5 @@ def reference_attention(
         scores = scores + bias_term
     allowed = allowed_mask(q.shape[2], k.shape[2], q_lengths, k_lengths, causal, q.device)
     probs = masked_softmax(scores, allowed)
-    return (probs.to(v.dtype) @ v).to(q.dtype)
+    # Rows past Lq are 0 already; the fill keeps a gradient arriving there (padding) out of dV.
+    return zero_padding((probs.to(v.dtype) @ v).to(q.dtype), q_lengths)

@@ -145,3 +145,51 @@ def test_scale_argument():
     a = ek.rope_attention(2 * q, k, v, scale=0.25, bias=None, backend="chunked")
     b = ek.rope_attention(q, k, v, scale=0.5, bias=None, backend="chunked")
     assert max_err(a, b) < 1e-12
+
+
+def _padding_case(device: str, dtype: torch.dtype):
+    """Padded inputs whose padding (q, k, v past the lengths, dout past Lq) holds NaN."""
+    gen = torch.Generator().manual_seed(7)
+    b, h, hk, t, d = 2, 4, 2, 70, 64
+    q, k, v, dout = (torch.randn(b, heads, t, d, generator=gen) for heads in (h, hk, hk, h))
+    ql, kl = torch.tensor([70, 40]), torch.tensor([70, 33])
+    f0 = 80 + 200 * torch.rand(b, t, generator=gen)
+    clean = [x.to(device, dtype) for x in (q, k, v, dout)]
+    for x, cut in ((q, 40), (k, 33), (v, 33), (dout, 40)):
+        x[1, :, cut:] = float("nan")
+    poisoned = [x.to(device, dtype) for x in (q, k, v, dout)]
+    return clean, poisoned, ql.to(device), kl.to(device), f0.to(device)
+
+
+def _padding_run(backend, tensors, ql, kl, f0):
+    q, k, v, dout = (x.clone().requires_grad_(x is not tensors[3]) for x in tensors)
+    fq = ek.pitch_features(f0, lengths=ql)
+    fk = ek.pitch_features(f0, lengths=kl)
+    out = ek.rope_attention(q, k, v, features=fq, features_k=fk, bias="exp", causal=True, q_lengths=ql,
+                            k_lengths=kl, backend=backend)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+PADDING_BACKENDS = [
+    pytest.param(name, device, dtype, id=f"{name}-{device}")
+    for name, device, dtype in [("reference", "cpu", torch.float32), ("chunked", "cpu", torch.float32),
+                                ("cpu", "cpu", torch.float32), ("triton", "cpu", torch.float32),
+                                ("triton", "cuda", torch.bfloat16), ("cuda", "cuda", torch.bfloat16)]
+]
+
+
+@pytest.mark.parametrize("backend, device, dtype", PADDING_BACKENDS)
+def test_nan_in_padding_changes_nothing(backend, device, dtype):
+    """The contract ignores tokens past the lengths: NaN there (torch.empty padding) must not reach any result."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = ek.backends()[backend].reason if not ek.backends()[backend].available else None
+    if reason is not None:
+        pytest.skip(reason)
+    clean, poisoned, ql, kl, f0 = _padding_case(device, dtype)
+    want = _padding_run(backend, clean, ql, kl, f0)
+    got = _padding_run(backend, poisoned, ql, kl, f0)
+    for name, w, g in zip(("out", "dq", "dk", "dv"), want, got):
+        assert torch.isfinite(g).all(), name
+        assert torch.equal(w, g), name
