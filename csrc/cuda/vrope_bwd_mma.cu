@@ -460,18 +460,7 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
     Tensor v_dst = gmem_thr.partition_D(s_v);
     copy_rows(gmem_copy, key_tile(m_v, k0), v_dst, keys_coord, lk - k0);
   };
-  static_assert(kKeys <= kThreads, "one key column per thread");
-  const auto fetch_key_features = [&](int k0) {
-    const int j = k0 + tid;
-    const bool inside = tid < kKeys && j < p.tk;
-    return make_float2(inside ? p.fk.pitch[k_feat + j] : 0.0f, inside ? p.fk.voiced[k_feat + j] : 0.0f);
-  };
-  const auto store_key_features = [&](float2 f) {
-    if (tid < kKeys) {
-      tiles.pitch_k[tid] = f.x;
-      tiles.voiced_k[tid] = f.y;
-    }
-  };
+  const KeyFeatures<kKeys> key_features{p.fk.pitch + k_feat, p.fk.voiced + k_feat, p.tk};
 
   typename Cfg::K::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
@@ -525,7 +514,7 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
     load_k(0, 0);
     load_v(0);
     cp_async_fence();
-    store_key_features(fetch_key_features(0));
+    key_features.store(key_features.fetch(0), tiles.pitch_k, tiles.voiced_k);
   }
   for (int k0 = 0, n = 0; k0 < key_end; k0 += kKeys, ++n) {
     const int stage = n & 1;
@@ -533,7 +522,7 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
     __syncthreads();  // this tile's k~, v and key features landed; every warp is done with the last tile
     const bool more = k0 + kKeys < key_end;
     if (more) load_k(k0 + kKeys, stage ^ 1);  // committed with the next v below
-    const float2 next_features = more ? fetch_key_features(k0 + kKeys) : make_float2(0.0f, 0.0f);
+    const float2 next_features = more ? key_features.fetch(k0 + kKeys) : make_float2(0.0f, 0.0f);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kRows>, Int<kKeys>>{});  // S, then dS
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kRows>, Int<kKeys>>{});
@@ -556,7 +545,7 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
     if (more) {
       load_v(k0 + kKeys);
       cp_async_fence();
-      store_key_features(next_features);
+      key_features.store(next_features, tiles.pitch_k, tiles.voiced_k);
     }
     Tensor r_ds = rounded_pairs<T>(acc_s);
     Tensor r_ds_a = make_tensor(r_ds.data(), accumulator_as_a(r_ds.layout()));

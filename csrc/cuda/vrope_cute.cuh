@@ -127,6 +127,30 @@ __device__ __forceinline__ auto rounded_pairs(const Acc& acc) {
 
 // ---- copies and products -----------------------------------------------------------------------
 
+// Pitch and voicing of a key tile, one key per thread (threads past Keys idle), zero past the
+// sequence: fetched into registers a tile ahead, while the tensor cores work, and stored to
+// shared memory after the barrier that frees the previous tile's copy.
+template <int Keys>
+struct KeyFeatures {
+  static_assert(Keys <= kThreads, "one key column per thread");
+  const float* pitch;  // this batch entry's [Tk]
+  const float* voiced;
+  int tk;
+
+  __device__ __forceinline__ float2 fetch(int k0) const {
+    const int c = static_cast<int>(threadIdx.x);
+    const bool inside = c < Keys && k0 + c < tk;
+    return make_float2(inside ? pitch[k0 + c] : 0.0f, inside ? voiced[k0 + c] : 0.0f);
+  }
+  __device__ __forceinline__ void store(float2 f, float* pitch_tile, float* voiced_tile) const {
+    const int c = static_cast<int>(threadIdx.x);
+    if (c < Keys) {
+      pitch_tile[c] = f.x;
+      voiced_tile[c] = f.y;
+    }
+  }
+};
+
 // cp.async of a tile's rows [0, valid) (source rows in global memory); rows at or past `valid`
 // are zero-filled in shared memory instead of read, so nothing past a length is touched and
 // no garbage (v and dout are not zeroed past the lengths) can reach a product.

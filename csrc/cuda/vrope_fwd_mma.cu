@@ -164,21 +164,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_mma_kernel(const Param
     return gmem_thr.partition_S(local_tile(m, Shape<Int<kBlockN>, Int<D>>{}, make_coord(k0 / kBlockN, 0)));
   };
   const int64_t k_feat = int64_t(b) * p.tk;
-  // Key features (pitch, voiced) of column `tid` of the tile starting at k0, zero past the
-  // sequence: read into registers a tile ahead, while the tensor cores work, and stored to
-  // shared memory after the barrier that frees the previous tile's copy.
-  static_assert(kBlockN <= kThreads, "one key column per thread");
-  const auto fetch_key_features = [&](int k0) {
-    const int j = k0 + tid;
-    const bool inside = tid < kBlockN && j < p.tk;
-    return make_float2(inside ? p.fk.pitch[k_feat + j] : 0.0f, inside ? p.fk.voiced[k_feat + j] : 0.0f);
-  };
-  const auto store_key_features = [&](float2 f) {
-    if (tid < kBlockN) {
-      smem.pitch_k[tid] = f.x;
-      smem.voiced_k[tid] = f.y;
-    }
-  };
+  const KeyFeatures<kBlockN> key_features{p.fk.pitch + k_feat, p.fk.voiced + k_feat, p.tk};
 
   typename Cfg::K::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
@@ -225,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_mma_kernel(const Param
     copy_rows(gmem_copy, gmem_thr.partition_S(g_q), tq_s, tq_coord, lq - q0);
     copy_rows(gmem_copy, key_tile(m_k, 0), tk_s, tkv_coord, lk);
     cp_async_fence();
-    store_key_features(fetch_key_features(0));
+    key_features.store(key_features.fetch(0), smem.pitch_k, smem.voiced_k);
   }
   for (int k0 = 0; k0 < key_end; k0 += kBlockN) {
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -235,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_mma_kernel(const Param
     copy_rows(gmem_copy, key_tile(m_v, k0), tv_s, tkv_coord, lk - k0);
     cp_async_fence();
     const bool more = k0 + kBlockN < key_end;
-    const float2 next_features = more ? fetch_key_features(k0 + kBlockN) : make_float2(0.0f, 0.0f);
+    const float2 next_features = more ? key_features.fetch(k0 + kBlockN) : make_float2(0.0f, 0.0f);
 
     gemm_smem(acc_s, r_q, r_k, sq_ldsm, sk_ldsm, mma, ldsm_q, ldsm_q_thr, ldsm_k, ldsm_k_thr);
     Tensor s_rc = rows_by_columns_view(acc_s);
@@ -254,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_mma_kernel(const Param
     if (more) {
       copy_rows(gmem_copy, key_tile(m_k, k0 + kBlockN), tk_s, tkv_coord, lk - (k0 + kBlockN));
       cp_async_fence();
-      store_key_features(next_features);
+      key_features.store(next_features, smem.pitch_k, smem.voiced_k);
     }
 
     Tensor r_p = rounded_pairs<T>(acc_s);
