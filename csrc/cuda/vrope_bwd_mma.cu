@@ -211,6 +211,31 @@ __device__ __forceinline__ bool tile_needs_mask(int q0, int rows, int k0, int ke
   return q0 + rows > lq || k0 + keys > lk || (causal && k0 + keys - 1 > q0 + (lk - lq));
 }
 
+// Epilogue of both kernels: the float32 split-layout gradient of the rotated tokens (rows x
+// columns view) goes to shared memory over the tiles (after a barrier: every warp is done with
+// them), then each warp unrotates whole rows into dx and the tokens' log-theta / radius partials.
+// x, dx: this (batch, head)'s [T][D] rows; features: this batch entry's [T]; parts: [T] slots.
+template <typename T, int D, int kTileRows, typename Acc, typename Coords>
+__device__ __forceinline__ void unrotate_gradient_tile(const Acc& acc, const Coords& coords, float* tile, int ld, int t0,
+                                                       int length, float scale, const T* x, const float* pos,
+                                                       const float* log_theta, const float* radius, T* dx,
+                                                       float* dlog_theta, float* dradius) {
+  __syncthreads();
+  store_accumulator(acc, coords, tile, ld);
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  for (int row = threadIdx.x / kWarpSize; row < kTileRows; row += kWarps) {
+    const int t = t0 + row;
+    if (t >= length) break;
+    const FeatureGrad fg = warp_unrotate_row<T, D>(tile + row * ld, scale, x + int64_t(t) * D, pos[t], log_theta[t],
+                                                   radius[t], dx + int64_t(t) * D);
+    if (lane == 0) {
+      dlog_theta[t] = fg.log_theta;
+      dradius[t] = fg.radius;
+    }
+  }
+}
+
 // ---- 1. dK / dV -----------------------------------------------------------------------------------
 
 template <typename T, int D>
@@ -224,7 +249,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_mma_kernel(const Params p) {
   auto& tiles = smem.tiles;
 
   const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int k_block = blockIdx.x;
   const int kv_head = blockIdx.y;
@@ -387,23 +411,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_mma_kernel(const Params p) {
   Tensor dv_rc = rows_by_columns_view(acc_dv);
   store_rows<T>(dv_rc, grad_rc, ones, dv, D, k0, p.tk);
 
-  __syncthreads();  // every warp is done with the tiles the float32 dk~ goes over
   Tensor dk_rc = rows_by_columns_view(acc_dk);
-  store_accumulator(dk_rc, grad_rc, smem.dk, Cfg::kAccLd);
-  __syncthreads();
-  const T* k = static_cast<const T*>(p.k) + k_head;
-  T* dk = static_cast<T*>(p.dk) + k_head;
-  for (int row = warp; row < kKeys; row += kWarps) {
-    const int t = k0 + row;
-    if (t >= p.tk) break;
-    const FeatureGrad fg = warp_unrotate_row<T, D>(smem.dk + row * Cfg::kAccLd, p.scale, k + int64_t(t) * D,
-                                                   p.fk.pos[k_feat + t], p.fk.log_theta[k_feat + t],
-                                                   p.fk.radius[k_feat + t], dk + int64_t(t) * D);
-    if (lane == 0) {
-      p.dlog_theta_k[key_base + t] = fg.log_theta;
-      p.dradius_k[key_base + t] = fg.radius;
-    }
-  }
+  unrotate_gradient_tile<T, D, kKeys>(dk_rc, grad_rc, smem.dk, Cfg::kAccLd, k0, p.tk, p.scale,
+                                      static_cast<const T*>(p.k) + k_head, p.fk.pos + k_feat, p.fk.log_theta + k_feat,
+                                      p.fk.radius + k_feat, static_cast<T*>(p.dk) + k_head, p.dlog_theta_k + key_base,
+                                      p.dradius_k + key_base);
 }
 
 // ---- 2. dQ --------------------------------------------------------------------------------------
@@ -419,7 +431,6 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
   auto& tiles = smem.tiles;
 
   const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int m_block = blockIdx.x;
   const int head = blockIdx.y;
@@ -576,23 +587,11 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
     }
   }
 
-  __syncthreads();  // every warp is done with the tiles the float32 dq~ goes over
   Tensor dq_rc = rows_by_columns_view(acc_dq);
-  store_accumulator(dq_rc, grad_rc, smem.dq, Cfg::kAccLd);
-  __syncthreads();
-  const T* q = static_cast<const T*>(p.q) + q_head;
-  T* dq = static_cast<T*>(p.dq) + q_head;
-  for (int row = warp; row < kRows; row += kWarps) {
-    const int t = q0 + row;
-    if (t >= p.tq) break;
-    const FeatureGrad fg = warp_unrotate_row<T, D>(smem.dq + row * Cfg::kAccLd, p.scale, q + int64_t(t) * D,
-                                                   p.fq.pos[q_feat + t], p.fq.log_theta[q_feat + t],
-                                                   p.fq.radius[q_feat + t], dq + int64_t(t) * D);
-    if (lane == 0) {
-      p.dlog_theta_q[row_base + t] = fg.log_theta;
-      p.dradius_q[row_base + t] = fg.radius;
-    }
-  }
+  unrotate_gradient_tile<T, D, kRows>(dq_rc, grad_rc, smem.dq, Cfg::kAccLd, q0, p.tq, p.scale,
+                                      static_cast<const T*>(p.q) + q_head, p.fq.pos + q_feat, p.fq.log_theta + q_feat,
+                                      p.fq.radius + q_feat, static_cast<T*>(p.dq) + q_head, p.dlog_theta_q + row_base,
+                                      p.dradius_q + row_base);
 }
 
 // ---- launch -------------------------------------------------------------------------------------
