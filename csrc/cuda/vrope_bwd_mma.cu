@@ -142,19 +142,6 @@ __device__ __forceinline__ void dq_tile(S& s, const Dp& dp, const Coords& coords
   }
 }
 
-template <bool kMask, typename S, typename Dp, typename Coords, int kN>
-__device__ __forceinline__ void dq_tile_for_bias(S& s, const Dp& dp, const Coords& coords, DqRows<kN>& rows, int k0,
-                                                 const float* pitch_k, const float* voiced_k, float qk_scale,
-                                                 const BiasArgs& bias, int lq, int lk, bool causal) {
-  if (bias.kind == kBiasExp) {
-    dq_tile<kBiasExp, kMask>(s, dp, coords, rows, k0, pitch_k, voiced_k, qk_scale, bias, lq, lk, causal);
-  } else if (bias.kind == kBiasL1) {
-    dq_tile<kBiasL1, kMask>(s, dp, coords, rows, k0, pitch_k, voiced_k, qk_scale, bias, lq, lk, causal);
-  } else {
-    dq_tile<kBiasNone, kMask>(s, dp, coords, rows, k0, pitch_k, voiced_k, qk_scale, bias, lq, lk, causal);
-  }
-}
-
 // Per-row state of a dkdv thread: the key's values and its share of the key's pitch gradient.
 template <int kN>
 struct KeyRows {
@@ -191,24 +178,6 @@ __device__ __forceinline__ void dkdv_tile(S& s, Dp& dp, const Coords& coords, Ke
       dp(r, c) = ds;
     }
   }
-}
-
-template <bool kMask, typename S, typename Dp, typename Coords, int kN, typename Vectors>
-__device__ __forceinline__ void dkdv_tile_for_bias(S& s, Dp& dp, const Coords& coords, KeyRows<kN>& keys, int q0,
-                                                   const Vectors& qv, float qk_scale, const BiasArgs& bias, int lq,
-                                                   int lk, bool causal) {
-  if (bias.kind == kBiasExp) {
-    dkdv_tile<kBiasExp, kMask>(s, dp, coords, keys, q0, qv, qk_scale, bias, lq, lk, causal);
-  } else if (bias.kind == kBiasL1) {
-    dkdv_tile<kBiasL1, kMask>(s, dp, coords, keys, q0, qv, qk_scale, bias, lq, lk, causal);
-  } else {
-    dkdv_tile<kBiasNone, kMask>(s, dp, coords, keys, q0, qv, qk_scale, bias, lq, lk, causal);
-  }
-}
-
-// Some (query, key) pair of the tile is not allowed, so the tile needs the per-element mask.
-__device__ __forceinline__ bool tile_needs_mask(int q0, int rows, int k0, int keys, int lq, int lk, bool causal) {
-  return q0 + rows > lq || k0 + keys > lk || (causal && k0 + keys - 1 > q0 + (lk - lq));
 }
 
 // Epilogue of both kernels: the float32 split-layout gradient of the rotated tokens (rows x
@@ -382,11 +351,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_mma_kernel(const Params p) {
     Tensor s_rc = rows_by_columns_view(acc_s);
     Tensor dp_rc = rows_by_columns_view(acc_dp);
     const auto& qv = tiles.vectors[stage];
-    if (tile_needs_mask(q0, kRows, k0, kKeys, lq, lk, p.causal)) {
-      dkdv_tile_for_bias<true>(s_rc, dp_rc, score_rc, keys, q0, qv, qk_scale, bias, lq, lk, p.causal);
-    } else {
-      dkdv_tile_for_bias<false>(s_rc, dp_rc, score_rc, keys, q0, qv, qk_scale, bias, lq, lk, p.causal);
-    }
+    const bool masked = tile_needs_mask(q0, kRows, k0, kKeys, lq, lk, p.causal);
+    with_tile_variant(bias.kind, masked, [&](auto kind, auto mask) {
+      dkdv_tile<decltype(kind)::value, decltype(mask)::value>(s_rc, dp_rc, score_rc, keys, q0, qv, qk_scale, bias, lq,
+                                                              lk, p.causal);
+    });
 
     Tensor r_p = rounded_pairs<T>(acc_s);
     Tensor r_p_a = make_tensor(r_p.data(), accumulator_as_a(r_p.layout()));
@@ -544,13 +513,11 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
     gemm_smem(acc_dp, r_do, r_v, sdo_ldsm, sv_ldsm, mma, ldsm_a, ldsm_a_thr, ldsm_b, ldsm_b_thr);
     Tensor s_rc = rows_by_columns_view(acc_s);
     Tensor dp_rc = rows_by_columns_view(acc_dp);
-    if (tile_needs_mask(q0, kRows, k0, kKeys, lq, lk, p.causal)) {
-      dq_tile_for_bias<true>(s_rc, dp_rc, score_rc, rows, k0, tiles.pitch_k, tiles.voiced_k, qk_scale, bias, lq, lk,
-                             p.causal);
-    } else {
-      dq_tile_for_bias<false>(s_rc, dp_rc, score_rc, rows, k0, tiles.pitch_k, tiles.voiced_k, qk_scale, bias, lq, lk,
-                              p.causal);
-    }
+    const bool masked = tile_needs_mask(q0, kRows, k0, kKeys, lq, lk, p.causal);
+    with_tile_variant(bias.kind, masked, [&](auto kind, auto mask) {
+      dq_tile<decltype(kind)::value, decltype(mask)::value>(s_rc, dp_rc, score_rc, rows, k0, tiles.pitch_k,
+                                                            tiles.voiced_k, qk_scale, bias, lq, lk, p.causal);
+    });
 
     __syncthreads();  // every warp is done with v and the key features
     if (more) {

@@ -125,6 +125,34 @@ __device__ __forceinline__ auto rounded_pairs(const Acc& acc) {
   return frag;
 }
 
+// ---- tile variants -----------------------------------------------------------------------------
+
+// Some (query, key) pair of the tile [q0, q0 + rows) x [k0, k0 + keys) is not allowed, so the
+// tile needs the per-element mask; inner tiles skip it.
+__device__ __forceinline__ bool tile_needs_mask(int q0, int rows, int k0, int keys, int lq, int lk, bool causal) {
+  return q0 + rows > lq || k0 + keys > lk || (causal && k0 + keys - 1 > q0 + (lk - lq));
+}
+
+// Calls f(integral_constant<int, bias kind>, integral_constant<bool, masked>): the elementwise
+// step of a tile is compiled once per bias kind and mask, with neither tested per element.
+template <typename F>
+__device__ __forceinline__ void with_tile_variant(int bias_kind, bool masked, F&& f) {
+  const auto for_kind = [&](auto mask) {
+    if (bias_kind == kBiasExp) {
+      f(std::integral_constant<int, kBiasExp>{}, mask);
+    } else if (bias_kind == kBiasL1) {
+      f(std::integral_constant<int, kBiasL1>{}, mask);
+    } else {
+      f(std::integral_constant<int, kBiasNone>{}, mask);
+    }
+  };
+  if (masked) {
+    for_kind(std::true_type{});
+  } else {
+    for_kind(std::false_type{});
+  }
+}
+
 // ---- copies and products -----------------------------------------------------------------------
 
 // Pitch and voicing of a key tile, one key per thread (threads past Keys idle), zero past the

@@ -81,19 +81,6 @@ __device__ __forceinline__ void tile_logits(Scores& s, const Coords& coords, con
   }
 }
 
-template <bool kMask, typename Scores, typename Coords, int kRows>
-__device__ __forceinline__ void tile_logits_for_bias(Scores& s, const Coords& coords, const RowState<kRows>& rows, int k0,
-                                                     const float* pitch_k, const float* voiced_k, float qk_scale,
-                                                     const BiasArgs& bias, int lq, int lk, bool causal) {
-  if (bias.kind == kBiasExp) {
-    tile_logits<kBiasExp, kMask>(s, coords, rows, k0, pitch_k, voiced_k, qk_scale, bias, lq, lk, causal);
-  } else if (bias.kind == kBiasL1) {
-    tile_logits<kBiasL1, kMask>(s, coords, rows, k0, pitch_k, voiced_k, qk_scale, bias, lq, lk, causal);
-  } else {
-    tile_logits<kBiasNone, kMask>(s, coords, rows, k0, pitch_k, voiced_k, qk_scale, bias, lq, lk, causal);
-  }
-}
-
 // Online softmax step over one tile of logits (rows x columns view): updates the running max
 // and sum, rescales the output rows, and leaves exp2(logit - max) in s.
 template <typename Scores, typename Out, int kRows>
@@ -225,14 +212,11 @@ __global__ void __launch_bounds__(kThreads) vrope_forward_mma_kernel(const Param
 
     gemm_smem(acc_s, r_q, r_k, sq_ldsm, sk_ldsm, mma, ldsm_q, ldsm_q_thr, ldsm_k, ldsm_k_thr);
     Tensor s_rc = rows_by_columns_view(acc_s);
-    const bool mask = q0 + kBlockM > lq || k0 + kBlockN > lk || (p.causal && k0 + kBlockN - 1 > q0 + (lk - lq));
-    if (mask) {
-      tile_logits_for_bias<true>(s_rc, score_rc, rows, k0, smem.pitch_k, smem.voiced_k, qk_scale, bias, lq, lk,
-                                 p.causal);
-    } else {
-      tile_logits_for_bias<false>(s_rc, score_rc, rows, k0, smem.pitch_k, smem.voiced_k, qk_scale, bias, lq, lk,
-                                  p.causal);
-    }
+    const bool masked = tile_needs_mask(q0, kBlockM, k0, kBlockN, lq, lk, p.causal);
+    with_tile_variant(bias.kind, masked, [&](auto kind, auto mask) {
+      tile_logits<decltype(kind)::value, decltype(mask)::value>(s_rc, score_rc, rows, k0, smem.pitch_k, smem.voiced_k,
+                                                                qk_scale, bias, lq, lk, p.causal);
+    });
     online_softmax(s_rc, o_rc, rows);
 
     cp_async_wait<0>();
