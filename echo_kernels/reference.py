@@ -106,9 +106,10 @@ def reference_attention(
     """Dense vRoPE + pitch-bias attention.
 
     Shapes: q ``[B, H, Tq, D]``, k/v ``[B, Hk, Tk, D]``, features ``[B, T]``, alpha ``[H]``,
-    beta 0-d, lengths integer ``[B]`` (tokens past them are ignored, whatever they hold). Returns ``[B, H, Tq, D]`` in q's dtype. Scores,
-    bias and softmax are float32 (float64 for float64 inputs); the two matmuls run in
-    the input dtype, as a fused kernel's tensor-core matmuls do.
+    beta 0-d, lengths integer ``[B]`` (tokens past them are ignored, whatever they hold).
+    Returns ``[B, H, Tq, D]`` in q's dtype. Scores, bias and softmax are float32 (float64 for
+    float64 inputs); the two matmuls run in the input dtype, as a fused kernel's tensor-core
+    matmuls do.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     stat_dtype = fq.pos.dtype
