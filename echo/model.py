@@ -52,6 +52,8 @@ class EchoConfig:
     ``ctc_weight`` in [0, 1): weight of the CTC loss on the encoder (0 builds no CTC head).
     ``subsample``: stride of the front end's second convolution, so an encoder frame is
     ``10 * subsample`` ms (2: Whisper's 20 ms; 3 and 4 make the encoder cheaper).
+    ``conv_kernel``: odd width of a depthwise convolution over time inside each encoder block's
+    MLP (0 = none): local context for little extra work.
     """
 
     n_mels: int = 80
@@ -62,6 +64,7 @@ class EchoConfig:
     enc_layers: int = 4
     dec_layers: int = 2
     ffn_dim: int = 1024
+    conv_kernel: int = 0
     dropout: float = 0.1
     theta: float = 10000.0
     theta_mode: str = "f0"
@@ -86,6 +89,8 @@ class EchoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EchoConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
+            raise ValueError(f"conv_kernel must be 0 (none) or an odd positive int, got {self.conv_kernel!r}")
         if self.subsample not in SUBSAMPLES:
             raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {self.subsample!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -325,14 +330,31 @@ class Dropout(nn.Dropout):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Linear, GELU, dropout, Linear."""
+    """Position-wise feed-forward: [depthwise Conv1d over time], Linear, GELU, dropout, Linear.
 
-    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+    With ``conv_kernel > 0`` each frame's input first mixes with its ``conv_kernel`` neighbours,
+    one weight per channel and tap (on the ``dim`` input channels, not the wider hidden ones: a
+    depthwise convolution is memory-bound on CPU), initialised to the identity so the block
+    starts as the plain MLP. Padding frames are zeroed first, so padding never reaches a real frame.
+    """
+
+    def __init__(self, dim: int, hidden: int, dropout: float, conv_kernel: int = 0) -> None:
         super().__init__()
         self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), Dropout(dropout)
+        self.conv = None
+        if conv_kernel:
+            self.conv = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2, groups=dim)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.weight[:, 0, conv_kernel // 2] = 1.0
+                self.conv.bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, T, d] -> [B, T, d]``."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[B, T, d] -> [B, T, d]``; ``mask [B, T, 1]`` (1 = real frame) is required with a convolution."""
+        if self.conv is not None:
+            if mask is None:
+                raise ValueError("MLP with a convolution needs mask [B, T, 1] of the real frames")
+            x = self.conv((x * mask).transpose(1, 2)).transpose(1, 2)
         return self.fc2(self.drop(F.gelu(self.fc1(x))))
 
 
@@ -344,7 +366,7 @@ def _self_attention(cfg: EchoConfig, *, bias: str | None, theta_mode: str, radiu
 
 
 class EncoderBlock(nn.Module):
-    """Pre-RMSNorm block: pitch-aware self-attention, then MLP."""
+    """Pre-RMSNorm block: pitch-aware self-attention, then MLP (with the optional convolution)."""
 
     def __init__(self, cfg: EchoConfig) -> None:
         super().__init__()
@@ -354,13 +376,16 @@ class EncoderBlock(nn.Module):
             cfg, bias=cfg.bias if pitch else None, theta_mode=cfg.theta_mode if pitch else "fixed",
             radius_mode=cfg.radius_mode if pitch else "unit",
         )
-        self.mlp = MLP(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.conv_kernel)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, f0: Tensor | None, lengths: Tensor) -> Tensor:
         """x ``[B, T', d]``, f0 ``[B, T']`` or None, lengths ``[B]`` -> ``[B, T', d]``."""
         x = x + self.drop(self.attn(self.norm1(x), f0, lengths=lengths))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        mask = None
+        if self.mlp.conv is not None:
+            mask = lengths_to_mask(lengths, x.shape[1])[..., None].to(x.dtype)
+        return x + self.drop(self.mlp(self.norm2(x), mask))
 
 
 class DecoderBlock(nn.Module):

@@ -71,6 +71,26 @@ def test_padding_does_not_change_outputs(pitch, subsample):
             torch.testing.assert_close(l1[0], logits[i, :lu], atol=1e-5, rtol=1e-4)
 
 
+def test_encoder_convolution_starts_as_the_plain_mlp_and_ignores_padding():
+    plain, conv = _model(), _model(conv_kernel=5)
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".mlp.conv." in name for name in missing)
+    mel, ml, f0, _, _, _ = _batch()
+    with torch.no_grad():
+        start, ref = conv.encode(mel, ml, f0), plain.encode(mel, ml, f0)
+        for i, n in enumerate(ref.lengths.tolist()):  # padding frames differ: the convolution zeroes them
+            torch.testing.assert_close(start.states[i, :n], ref.states[i, :n])
+        for block in conv.encoder:  # a trained convolution: every tap matters
+            block.mlp.conv.weight.normal_()
+            block.mlp.conv.bias.normal_()
+        enc = conv.encode(mel, ml, f0)
+        assert not torch.allclose(enc.states, plain.encode(mel, ml, f0).states, atol=1e-3)
+        for i in range(3):
+            lt = int(ml[i])
+            e1 = conv.encode(mel[i:i + 1, :lt], ml[i:i + 1], f0[i:i + 1, :lt])
+            torch.testing.assert_close(e1.states[0], enc.states[i, : e1.states.shape[1]], atol=1e-5, rtol=1e-4)
+
+
 def test_decoder_is_causal():
     m = _model()
     mel, ml, f0, tok, _tl, tf0 = _batch(lengths=(30,), token_lengths=(10,))
@@ -137,6 +157,7 @@ def test_encoder_attention_maps():
 @pytest.mark.parametrize("bad", [
     {"d_model": 30}, {"n_heads": 3}, {"theta_mode": "log"}, {"radius_mode": "x"}, {"bias": "l2"},
     {"ctc_weight": 1.0}, {"decoder_f0": "token"}, {"enc_layers": 0}, {"n_kv_heads": 3}, {"subsample": 5},
+    {"conv_kernel": 4}, {"conv_kernel": -3},
 ])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):
