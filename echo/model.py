@@ -89,7 +89,7 @@ class EchoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EchoConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
+        if not isinstance(self.conv_kernel, int) or isinstance(self.conv_kernel, bool) or self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
             raise ValueError(f"conv_kernel must be 0 (none) or an odd positive int, got {self.conv_kernel!r}")
         if self.subsample not in SUBSAMPLES:
             raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {self.subsample!r}")

@@ -157,7 +157,7 @@ def test_encoder_attention_maps():
 @pytest.mark.parametrize("bad", [
     {"d_model": 30}, {"n_heads": 3}, {"theta_mode": "log"}, {"radius_mode": "x"}, {"bias": "l2"},
     {"ctc_weight": 1.0}, {"decoder_f0": "token"}, {"enc_layers": 0}, {"n_kv_heads": 3}, {"subsample": 5},
-    {"conv_kernel": 4}, {"conv_kernel": -3},
+    {"conv_kernel": 4}, {"conv_kernel": -3}, {"conv_kernel": True},
 ])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):
