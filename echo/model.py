@@ -54,6 +54,9 @@ class EchoConfig:
     ``10 * subsample`` ms (2: Whisper's 20 ms; 3 and 4 make the encoder cheaper).
     ``conv_kernel``: odd width of a depthwise convolution over time inside each encoder block's
     MLP (0 = none): local context for little extra work.
+    ``inter_ctc`` in [0, 1): intermediate CTC (Lee & Watanabe, 2021): the output of the middle
+    encoder block, through the same final norm and CTC head, gets this share of the CTC loss,
+    a deep-supervision signal that costs one extra head (needs ``ctc_weight`` > 0 and >= 2 layers).
     """
 
     n_mels: int = 80
@@ -76,6 +79,7 @@ class EchoConfig:
     decoder_f0: str = "aligned"
     cross_rotary: bool = False
     ctc_weight: float = 0.3
+    inter_ctc: float = 0.0
     label_smoothing: float = 0.1
     backend: str = "auto"
     max_decode_len: int = 300
@@ -107,6 +111,10 @@ class EchoConfig:
             raise ValueError(f"decoder_f0 must be one of {DECODER_F0}, got {self.decoder_f0!r}")
         if not 0.0 <= self.ctc_weight < 1.0:
             raise ValueError(f"ctc_weight must be in [0, 1), got {self.ctc_weight}")
+        if not 0.0 <= self.inter_ctc < 1.0:
+            raise ValueError(f"inter_ctc must be in [0, 1), got {self.inter_ctc}")
+        if self.inter_ctc and (self.ctc_weight == 0 or self.enc_layers < 2):
+            raise ValueError("inter_ctc > 0 needs a CTC head (ctc_weight > 0) and enc_layers >= 2")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("dropout and label_smoothing must be in [0, 1)")
         if self.theta <= 0:
@@ -141,12 +149,14 @@ class F0Stats(NamedTuple):
 
 class EncoderOutput(NamedTuple):
     """Encoder states ``[B, T', d]``, their lengths ``[B]``, the encoder-rate f0 ``[B, T']`` (None when
-    pitch is off) and its :class:`F0Stats` (None when pitch is off)."""
+    pitch is off), its :class:`F0Stats` (None when pitch is off) and, with ``inter_ctc``, the
+    normalised output of the middle block ``[B, T', d]`` (else None)."""
 
     states: Tensor
     lengths: Tensor
     f0: Tensor | None
     stats: F0Stats | None
+    middle: Tensor | None = None
 
 
 def f0_stats(f0: Tensor, lengths: Tensor) -> F0Stats:
@@ -458,9 +468,12 @@ class Echo(nn.Module):
             enc_f0, _ = downsample_f0(f0, mel_lengths, self.cfg.subsample)
             enc_f0 = enc_f0[:, : x.shape[1]]
             stats = f0_stats(enc_f0, enc_lengths)
-        for block in self.encoder:
+        middle = None
+        for n, block in enumerate(self.encoder):
             x = block(x, enc_f0, enc_lengths)
-        return EncoderOutput(self.enc_norm(x), enc_lengths, enc_f0, stats)
+            if self.cfg.inter_ctc and n + 1 == len(self.encoder) // 2:
+                middle = self.enc_norm(x)
+        return EncoderOutput(self.enc_norm(x), enc_lengths, enc_f0, stats, middle)
 
     # --- decoder ---------------------------------------------------------------------------------
 
@@ -607,16 +620,24 @@ class Echo(nn.Module):
                               ignore_index=cfg.pad_id, label_smoothing=cfg.label_smoothing)
         out = {"att_loss": att, "tokens": (targets != cfg.pad_id).sum()}
         if self.ctc_head is not None:
-            log_probs = self.ctc_head(enc.states).float().log_softmax(-1).transpose(0, 1)
-            # Targets are the characters without <bos>/<eos>; the pad id doubles as the CTC blank.
-            ctc = F.ctc_loss(log_probs, targets, enc.lengths, (token_lengths - 2).clamp(min=0),
-                             blank=cfg.pad_id, zero_infinity=True)
+            ctc = self._ctc_loss(enc.states, enc.lengths, targets, token_lengths)
+            if enc.middle is not None:
+                inter = self._ctc_loss(enc.middle, enc.lengths, targets, token_lengths)
+                out["inter_ctc_loss"] = inter
+                ctc = (1 - cfg.inter_ctc) * ctc + cfg.inter_ctc * inter
             out["ctc_loss"] = ctc
             out["loss"] = (1 - cfg.ctc_weight) * att + cfg.ctc_weight * ctc
         else:
             out["ctc_loss"] = torch.zeros((), device=att.device)
             out["loss"] = att
         return out
+
+    def _ctc_loss(self, states: Tensor, lengths: Tensor, targets: Tensor, token_lengths: Tensor) -> Tensor:
+        """CTC loss (batch mean) of encoder ``states [B, T', d]`` against ``targets [B, U - 1]``."""
+        log_probs = self.ctc_head(states).float().log_softmax(-1).transpose(0, 1)
+        # Targets are the characters without <bos>/<eos>; the pad id doubles as the CTC blank.
+        return F.ctc_loss(log_probs, targets, lengths, (token_lengths - 2).clamp(min=0),
+                          blank=self.cfg.pad_id, zero_infinity=True)
 
     # --- inspection ------------------------------------------------------------------------------
 

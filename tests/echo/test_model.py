@@ -47,6 +47,24 @@ def test_shapes_and_loss():
     assert m.conv1.weight.grad is not None and torch.isfinite(m.conv1.weight.grad).all()
 
 
+def test_intermediate_ctc_mixes_the_middle_block_into_the_ctc_loss():
+    batch = _batch()
+    plain, inter = _model(enc_layers=4), _model(enc_layers=4, inter_ctc=0.4)
+    assert inter.encode(*batch[:3]).middle is not None and plain.encode(*batch[:3]).middle is None
+    out_plain, out = plain.train()(*batch), inter.train()(*batch)
+    # Same weights (same seed, no extra parameters): the final CTC term is unchanged, and the
+    # middle block's own CTC loss (a different, larger one this early) takes a 0.4 share.
+    final = out_plain["ctc_loss"]
+    assert not torch.allclose(out["inter_ctc_loss"], final)
+    torch.testing.assert_close(out["ctc_loss"], 0.6 * final + 0.4 * out["inter_ctc_loss"])
+    torch.testing.assert_close(out["att_loss"], out_plain["att_loss"])
+    # The extra term trains the blocks below the middle: their gradients must change.
+    out["loss"].backward()
+    out_plain["loss"].backward()
+    lower = inter.encoder[0].mlp.fc1.weight.grad, plain.encoder[0].mlp.fc1.weight.grad
+    assert not torch.allclose(*lower)
+
+
 @pytest.mark.parametrize(("subsample", "frames", "lengths"), [(3, 14, [14, 9, 5]), (4, 10, [10, 7, 4])])
 def test_subsample_sets_the_encoder_frame_rate(subsample, frames, lengths):
     m = _model(subsample=subsample)
@@ -158,6 +176,7 @@ def test_encoder_attention_maps():
     {"d_model": 30}, {"n_heads": 3}, {"theta_mode": "log"}, {"radius_mode": "x"}, {"bias": "l2"},
     {"ctc_weight": 1.0}, {"decoder_f0": "token"}, {"enc_layers": 0}, {"n_kv_heads": 3}, {"subsample": 5},
     {"conv_kernel": 4}, {"conv_kernel": -3}, {"conv_kernel": True},
+    {"inter_ctc": 1.0}, {"inter_ctc": -0.1}, {"inter_ctc": 0.3, "ctc_weight": 0.0}, {"inter_ctc": 0.3, "enc_layers": 1},
 ])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):
