@@ -2,12 +2,15 @@
 
     python -m echo.viz rope --wav FILE --out PNG
     python -m echo.viz attention --checkpoint CKPT --wav FILE --out PNG
+    python -m echo.viz curves RUN_DIR [RUN_DIR ...] --out PNG [--labels A B ...]
 
 ``rope`` draws (a) the f0 contour, (b) the position-similarity matrices
 ``<rot(u, i), rot(u, j)>`` for one fixed vector u under plain RoPE (theta 10000, unit
 radius) and under f0-driven theta with the f0 radius, and (c) the pitch-bias matrix
 ``exp(-|pitch_i - pitch_j|) * voiced_i * voiced_j``. ``attention`` draws per-layer,
-per-head attention maps returned by ``echo.model.attention_maps``.
+per-head attention maps returned by ``echo.model.attention_maps``. ``curves`` compares
+training runs from their TensorBoard logs (``RUN_DIR/tb``): dev CER and the attention
+decoder's training loss against the step.
 
 Figures have fixed pixel sizes (no tight bounding box): see :data:`ROPE_FIGSIZE`,
 :data:`ATTN_CELL_INCHES` and :data:`DPI`.
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 DPI = 100
 ROPE_FIGSIZE = (15.0, 10.0)  # inches -> 1500 x 1000 px
 ATTN_CELL_INCHES = 2.5  # each head/layer panel; grid of H x L panels -> 250*H x 250*L px
+CURVES_FIGSIZE = (12.0, 4.5)  # inches -> 1200 x 450 px
+CURVE_TAGS = ("dev/cer", "train/att_loss")  # what ``curves`` draws, one panel each
 
 
 class Features(NamedTuple):
@@ -203,6 +208,61 @@ def plot_attention_maps(maps: Sequence[np.ndarray], titles: Sequence[str],
     _save(fig, out_path)
 
 
+def read_scalars(run_dir: str | Path, tags: Sequence[str] = CURVE_TAGS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{tag: (steps, values)}`` from the TensorBoard log of a training run (``run_dir/tb``, or
+    ``run_dir`` itself when it holds the event files); tags the log lacks are left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = Path(run_dir)
+    log = path / "tb" if (path / "tb").is_dir() else path
+    if not any(log.glob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"no TensorBoard events under {log}")
+    acc = EventAccumulator(str(log), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    found = set(acc.Tags()["scalars"])
+    out = {}
+    for tag in tags:
+        if tag in found:
+            events = acc.Scalars(tag)
+            out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]))
+    return out
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (the first points average what there is so far)."""
+    if window <= 1 or values.size == 0:
+        return values.astype(float)
+    csum = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    idx = np.arange(1, values.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+def plot_curves(runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], out_path: str | Path,
+                *, smooth_window: int = 20) -> None:
+    """Side-by-side panels of :data:`CURVE_TAGS` for several runs (``{label: read_scalars(...)}``);
+    losses (logged every few steps) are smoothed over ``smooth_window`` points."""
+    if not runs:
+        raise ValueError("plot_curves needs at least one run")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVE_TAGS), dpi=DPI, figsize=CURVES_FIGSIZE, squeeze=False)
+    for ax, tag in zip(axes[0], CURVE_TAGS, strict=True):
+        for label, scalars in runs.items():
+            if tag not in scalars:
+                continue
+            steps, values = scalars[tag]
+            if tag == "dev/cer":
+                ax.plot(steps, 100 * values, marker="o", label=label)
+            else:
+                ax.plot(steps, smooth(values, smooth_window), label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("dev CER (%)" if tag == "dev/cer" else f"{tag} (mean of {smooth_window} logs)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
 def _save(fig: matplotlib.figure.Figure, out_path: str | Path) -> None:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +295,17 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curves(args: argparse.Namespace) -> int:
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        print(f"error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        return 2
+    plot_curves({label: read_scalars(run) for label, run in zip(labels, args.runs, strict=True)}, args.out,
+                smooth_window=args.smooth)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m echo.viz", description=__doc__,
@@ -252,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--wav", required=True)
     a.add_argument("--out", default="attention.png")
     a.set_defaults(func=_cmd_attention)
+    c = sub.add_parser("curves", help="dev CER and training loss of several runs (TensorBoard logs)")
+    c.add_argument("runs", nargs="+", help="run folders (out_dir of python -m echo train)")
+    c.add_argument("--out", default="curves.png")
+    c.add_argument("--labels", nargs="+", default=None, help="legend names (default: folder names)")
+    c.add_argument("--smooth", type=int, default=20, help="trailing mean over this many loss logs")
+    c.set_defaults(func=_cmd_curves)
     args = p.parse_args(argv)
     return args.func(args)
 

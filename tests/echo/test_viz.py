@@ -92,3 +92,36 @@ def test_fallback_matches_echo_kernels_when_available() -> None:
     mine = viz._fallback_pitch_features(f0)
     for name, a, b in zip(mine._fields, real, mine, strict=True):
         assert torch.allclose(a[0].float(), b, atol=1e-5), name
+
+
+def _fake_run(path, dev_cers, losses) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(path / "tb"))
+    for step, loss in losses:
+        writer.add_scalar("train/att_loss", loss, step)
+    for step, cer in dev_cers:
+        writer.add_scalar("dev/cer", cer, step)
+    writer.close()
+
+
+def test_curves_reads_the_logs_and_draws_both_panels(tmp_path) -> None:
+    _fake_run(tmp_path / "a", [(100, 0.5), (200, 0.3)], [(s, 3.0 - s / 100) for s in range(10, 210, 10)])
+    _fake_run(tmp_path / "b", [(100, 0.4)], [(10, 2.0)])
+    steps, values = viz.read_scalars(tmp_path / "a")["dev/cer"]
+    assert steps.tolist() == [100, 200] and np.allclose(values, [0.5, 0.3])
+    assert len(viz.read_scalars(tmp_path / "a")["train/att_loss"][0]) == 20  # every point, not a sample
+    out = tmp_path / "curves.png"
+    rc = viz.main(["curves", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "run a", "run b",
+                   "--out", str(out)])
+    assert rc == 0 and out.stat().st_size > 10_000
+    assert Image.open(out).size == tuple(int(x * viz.DPI) for x in viz.CURVES_FIGSIZE)
+    assert viz.main(["curves", str(tmp_path / "a"), "--labels", "x", "y", "--out", str(out)]) == 2
+    with pytest.raises(FileNotFoundError, match="no TensorBoard events"):
+        viz.read_scalars(tmp_path)
+
+
+def test_smooth_is_a_trailing_mean() -> None:
+    x = np.array([1.0, 3.0, 5.0, 7.0])
+    assert np.allclose(viz.smooth(x, 2), [1.0, 2.0, 4.0, 6.0])
+    assert np.allclose(viz.smooth(x, 1), x)
