@@ -1,8 +1,8 @@
 """Pitch-feature ablation: ``python -m echo ablate --config configs/tiny.yaml --seeds 2``.
 
 Trains the same budget with (a) plain RoPE and no bias, (b) f0-driven theta, (c) + variable radius,
-(d) + pitch bias, and optionally (e) f0 theta + bias with unit radius (``configs/tiny.yaml``'s
-choice; ``--variants abcde``), for each seed, scores dev and test (greedy), and writes a Markdown table of
+(d) + pitch bias, and optionally (e) f0 theta + bias with unit radius and (f) the bias alone with a
+fixed theta and unit radius (``configs/tiny.yaml``'s choice; ``--variants abcdef``), for each seed, scores dev and test (greedy), and writes a Markdown table of
 mean +- spread (sample standard deviation over seeds; 0 with one seed) to ``docs/results/ablation.md``.
 """
 
@@ -25,9 +25,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "c": ("f0 theta + radius", ["model.pitch=true", "model.theta_mode=f0", "model.radius_mode=f0", "model.bias=null"]),
     "d": ("f0 theta + radius + bias", ["model.pitch=true", "model.theta_mode=f0", "model.radius_mode=f0",
                                       "model.bias=exp"]),
-    # configs/tiny.yaml's choice: the bias without the radius, which scales content logits down.
     "e": ("f0 theta + bias, unit radius", ["model.pitch=true", "model.theta_mode=f0", "model.radius_mode=unit",
                                            "model.bias=exp"]),
+    # configs/tiny.yaml's choice: the bias alone. The radius scales content logits down, and an
+    # f0 rotary base generalised worse to unseen voices (docs/results/tiny.md, run 17).
+    "f": ("bias only (fixed theta, unit radius)", ["model.pitch=true", "model.theta_mode=fixed",
+                                                  "model.radius_mode=unit", "model.bias=exp"]),
 }
 
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--variants", default="abcd", help="subset of 'abcde'")
+    p.add_argument("--variants", default="abcd", help="subset of 'abcdef'")
     p.add_argument("--out-dir", default="runs/ablation")
     p.add_argument("--results", default="docs/results/ablation.md")
     p.add_argument("--eval-max-utts", type=int, default=0, help="score only the first N dev/test utterances")

@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--errors", default=None, help="per-utterance TSV (default: next to the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    # Each search gets its own default file, so scoring a checkpoint two ways keeps both tables.
     suffix = "" if args.decoder == "attention" else f".{args.decoder}"
+    suffix += f".beam{args.beam}" if args.beam > 1 else ""
+    suffix += ".lm" if args.lm else ""
     errors = args.errors or f"{Path(args.checkpoint).with_suffix('')}.{Path(args.manifest).stem}{suffix}.errors.tsv"
     result = evaluate_manifest(args.checkpoint, args.manifest, beam=args.beam, batch_size=args.batch_size,
                                cache_dir=args.cache_dir, errors_path=errors, device=args.device, decoder=args.decoder,

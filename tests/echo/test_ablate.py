@@ -11,15 +11,15 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.mark.parametrize(
-    "variant, pitch, radius, bias",
-    [("a", False, None, None), ("b", True, "unit", None), ("c", True, "f0", None), ("d", True, "f0", "exp"),
-     ("e", True, "unit", "exp")],
+    "variant, pitch, theta, radius, bias",
+    [("a", False, None, None, None), ("b", True, "f0", "unit", None), ("c", True, "f0", "f0", None),
+     ("d", True, "f0", "f0", "exp"), ("e", True, "f0", "unit", "exp"), ("f", True, "fixed", "unit", "exp")],
 )
-def test_variant_overrides(variant, pitch, radius, bias):
+def test_variant_overrides(variant, pitch, theta, radius, bias):
     model = load_config(TINY, VARIANTS[variant][1]).model
     assert model.pitch is pitch
     if pitch:
-        assert (model.theta_mode, model.radius_mode, model.bias) == ("f0", radius, bias)
+        assert (model.theta_mode, model.radius_mode, model.bias) == (theta, radius, bias)
 
 
 def test_unknown_variant_is_refused(tmp_path):

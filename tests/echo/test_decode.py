@@ -143,10 +143,11 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_
     assert len(errors.read_text().splitlines()) == 3
     assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
                 "--decoder", "joint", "--beam", "2", "--ctc-weight", "0.4"]) == 0
-    assert "m.joint.errors.tsv" in capsys.readouterr().out
+    assert "m.joint.beam2.errors.tsv" in capsys.readouterr().out
     assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(tmp_path / "m.jsonl"), "--device", "cpu",
                 "--decoder", "joint", "--beam", "2", "--lm", str(tmp_path / "m.jsonl"), "--lm-weight", "0.2"]) == 0
-    assert "WER" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WER" in out and "m.joint.beam2.lm.errors.tsv" in out  # the greedy and beam tables both survive
     assert cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", "--beam", "2",
                 "--lm", str(tmp_path / "m.jsonl"), str(tmp_path / "u0.wav")]) == 0
     assert "u0.wav\t" in capsys.readouterr().out
