@@ -2,8 +2,9 @@
 
 Trains the same budget with (a) plain RoPE and no bias, (b) f0-driven theta, (c) + variable radius,
 (d) + pitch bias, and optionally (e) f0 theta + bias with unit radius and (f) the bias alone with a
-fixed theta and unit radius (``configs/tiny.yaml``'s choice; ``--variants abcdef``), for each seed, scores dev and test (greedy), and writes a Markdown table of
-mean +- spread (sample standard deviation over seeds; 0 with one seed) to ``docs/results/ablation.md``.
+fixed theta and unit radius (``configs/tiny.yaml``'s choice; ``--variants abcdef``), for each seed;
+scores dev and test (greedy) and writes a Markdown table of mean +- spread (sample standard deviation
+over seeds; 0 with one seed) to ``docs/results/ablation.md``.
 """
 
 from __future__ import annotations

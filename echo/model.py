@@ -42,6 +42,11 @@ DECODER_F0 = ("aligned", "mean", "none")
 SUBSAMPLES = (2, 3, 4)
 
 
+def _is_int(value: Any) -> bool:
+    """A real int: bool is an int subclass, but ``True`` is no layer count or kernel width."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class EchoConfig:
     """Hyper-parameters of :class:`Echo` (all plain values, so it round-trips through YAML/JSON).
@@ -91,9 +96,10 @@ class EchoConfig:
         ints = ("n_mels", "vocab_size", "d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_decode_len")
         for name in ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"EchoConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.conv_kernel, int) or isinstance(self.conv_kernel, bool) or self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
+        kernel = self.conv_kernel
+        if not _is_int(kernel) or kernel < 0 or (kernel and kernel % 2 == 0):
             raise ValueError(f"conv_kernel must be 0 (none) or an odd positive int, got {self.conv_kernel!r}")
         if self.subsample not in SUBSAMPLES:
             raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {self.subsample!r}")
