@@ -98,7 +98,8 @@ def _write_table(raw: dict[str, list[dict[str, float]]], base: Any, path: Path, 
         "# Pitch-feature ablation",
         "",
         (f"Config `{config}`, {seeds} seed(s) per variant, the same budget for each run "
-        f"(max_steps {base.train.max_steps}, max_minutes {base.train.max_minutes or 'none'}), greedy decoding "
+        f"(max_steps {base.train.max_steps}, max_minutes {base.train.max_minutes or 'none'}"
+        f"{', the schedule fitted to the minutes' if base.train.fit_schedule else ''}), greedy decoding "
         f"(the attention decoder; CTC columns: greedy CTC on the encoder), "
         f"best-dev checkpoint, scored on {sizes['dev']} dev / {sizes['test']} test utterances. "
         f"Numbers are mean ± sample std over seeds, in %. Device: {device}."),

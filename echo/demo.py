@@ -12,9 +12,10 @@ import torch
 
 
 def run_demo(out: str | Path, *, config: str | Path = "configs/tiny.yaml", corpus: str | Path = "data/corpus",
-             minutes: float = 10.0, max_steps: int = 1200, n_train: int = 4000, n_eval: int = 200,
+             minutes: float = 10.0, max_steps: int | None = None, n_train: int = 4000, n_eval: int = 200,
              extra: list[str] | None = None) -> dict:
-    """The demo pipeline; returns ``{"wer", "cer", "audio", "reference", "hypothesis"}``."""
+    """The demo pipeline; returns ``{"wer", "cer", "audio", "reference", "hypothesis"}``. The schedule
+    is fitted to ``minutes`` (``train.fit_schedule``), capped at ``max_steps`` (None: the config's)."""
     from echo.evaluate import evaluate_manifest
     from echo.train import load_config, train
 
@@ -24,8 +25,11 @@ def run_demo(out: str | Path, *, config: str | Path = "configs/tiny.yaml", corpu
         subprocess.run([sys.executable, "-m", "echo.data.synth", "--out", str(corpus), "--train", str(n_train),
                         "--dev", str(n_eval), "--test", str(n_eval), "--seed", "0"], check=True)
     out = Path(out)
-    overrides = [f"train.out_dir={out / 'run'}", f"train.max_minutes={minutes}", f"train.max_steps={max_steps}",
-                 f"data.corpus={corpus}", f"data.cache_dir={corpus / 'cache'}", *(extra or [])]
+    overrides = [f"train.out_dir={out / 'run'}", f"train.max_minutes={minutes}", "train.fit_schedule=true",
+                 f"data.corpus={corpus}", f"data.cache_dir={corpus / 'cache'}"]
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    overrides += extra or []
     if not torch.cuda.is_available():
         overrides.append("train.device=cpu")
     cfg = load_config(config, overrides)
@@ -57,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--corpus", default="data/corpus")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget")
-    p.add_argument("--max-steps", type=int, default=1200,
-                   help="schedule length (~10 minutes at 2 steps/s on a 2-core CPU; training may stop earlier on time)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="longest schedule (default: the config's); it is shortened to the steps that fit in --minutes")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     run_demo(args.out, config=args.config, corpus=args.corpus, minutes=args.minutes, max_steps=args.max_steps,

@@ -66,8 +66,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping. ``max_minutes`` (0 = none) stops early on wall time;
-    the schedule still runs over ``max_steps``. ``eval_every`` / ``ckpt_every`` = 0 disables."""
+    """Optimisation and bookkeeping. ``eval_every`` / ``ckpt_every`` = 0 disables.
+
+    ``max_minutes`` (0 = none) caps the wall time of the whole run (across resumes). By default
+    the schedule still runs over ``max_steps`` and is cut wherever the time runs out; with
+    ``fit_schedule`` the cosine is instead shortened to the steps that fit in ``max_minutes`` at
+    the measured pace (never more than ``max_steps``), so a slower machine trains fewer steps but
+    still ends annealed. The fit is made after ``warmup_steps`` and refreshed after each dev
+    evaluation; the fitted length is checkpointed, but it depends on timing, so a resumed run can
+    end on another step than an uninterrupted one."""
 
     out_dir: str = "runs/tiny"
     seed: int = 0
@@ -79,6 +86,7 @@ class TrainConfig:
     warmup_steps: int = 300
     max_steps: int = 3000
     max_minutes: float = 0.0
+    fit_schedule: bool = False
     grad_clip: float = 1.0
     bucket_factor: int = 50
     eval_every: int = 500
@@ -98,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"train.eval_decoder must be one of {DECODERS}, got {self.eval_decoder!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_minutes < 0:
+            raise ValueError(f"train.max_minutes must be >= 0 (0 = no limit), got {self.max_minutes}")
+        if self.fit_schedule and self.max_minutes <= 0:
+            raise ValueError("train.fit_schedule needs a time budget: set train.max_minutes > 0")
 
 
 @dataclass
@@ -346,24 +358,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """Multiplier for LambdaLR: linear warmup to 1, then cosine down to ``min_ratio`` at ``total``."""
+class WarmupCosine:
+    """LambdaLR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine down to
+    ``min_ratio`` at step ``total``. An object, not a closure, so that the scheduler's state dict
+    carries ``total`` (``fit_schedule`` changes it during a run)."""
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
 
-    return f
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fitted_total_steps(step: int, remaining_s: float, step_s: float, eval_s: float, eval_every: int,
+                       max_steps: int) -> int:
+    """The longest schedule (total steps, from ``step`` up to ``max_steps``) that ends within
+    ``remaining_s`` seconds when each further optimiser step costs ``step_s`` and each dev
+    evaluation ``eval_s`` (one every ``eval_every`` steps, 0 = none, and one at the end)."""
+
+    def cost(total: int) -> float:
+        evals = 0
+        if eval_every and total > step:
+            evals = total // eval_every - step // eval_every + (total % eval_every != 0)
+        return (total - step) * step_s + evals * eval_s
+
+    if cost(step) > remaining_s:
+        return step
+    lo, hi = step, max_steps  # cost grows with total: bisect for the last total that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= remaining_s else (lo, mid - 1)
+    return lo
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not on norms, biases, or the scalar/per-head pitch params)."""
+    """AdamW; weight decay only on matrices (not on norms, biases, or the scalar/per-head pitch params).
+    The fused kernel: one pass over all 133 tensors of the tiny model, 5 ms a step on a 2-core CPU
+    against 23 ms for the per-tensor loop (at batch 8 that is 5% of the step)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -420,8 +458,10 @@ class WeightAverage:
         """Fold the current weights of ``model`` (same architecture, not DDP-wrapped) in."""
         self.updates += 1
         weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            avg.lerp_(p.detach(), weight)
+        averaged, current = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if len(averaged) != len(current):
+            raise ValueError(f"model has {len(current)} parameters, the average {len(averaged)}")
+        torch._foreach_lerp_(averaged, current, weight)
         for avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
             avg.copy_(b)
 
@@ -454,9 +494,11 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     model = Echo(cfg.model).to(device)
     datasets = build_datasets(cfg, tokenizer)
     optimizer = make_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    schedule = WarmupCosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     average = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
     step, epoch, batch_in_epoch, best_cer = 0, 0, 0, float("inf")
+    elapsed_before = 0.0  # seconds of training before a resume: max_minutes caps the whole run
 
     ckpt_path = out_dir / "last.pt"
     resume_from = Path(resume) if isinstance(resume, (str, Path)) else (ckpt_path if resume else None)
@@ -467,11 +509,16 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # The config decides the schedule (a resume may extend max_steps); only a fitted length,
+        # which no config holds, is taken from the checkpoint.
+        schedule.warmup, schedule.min_ratio = tc.warmup_steps, tc.min_lr_ratio
+        schedule.total = min(schedule.total, tc.max_steps) if tc.fit_schedule else tc.max_steps
         if average is not None:
             if "ema" not in ckpt:
                 raise ValueError(f"{resume_from} has no weight average (ema_decay was 0); resume with ema_decay 0")
             average.load_state_dict(ckpt["ema"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        elapsed_before = ckpt.get("elapsed_s", 0.0)
         best_cer = ckpt.get("best_dev_cer", best_cer)
         states = ckpt["rng"]
         set_rng_state(states[rank] if rank < len(states) else states[0])
@@ -511,7 +558,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                 "model": (eval_model if best else model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "rng": rngs, "tokenizer": tokenizer.state(),
-                "config": cfg.to_dict(), "best_dev_cer": best_cer,
+                "config": cfg.to_dict(), "best_dev_cer": best_cer, "elapsed_s": _now() - t_start,
             }
             if average is not None and not best:
                 state["ema"] = average.state_dict()
@@ -519,11 +566,30 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
 
     from tqdm import tqdm
 
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not is_main or quiet, dynamic_ncols=True)
+    bar = tqdm(total=schedule.total, initial=step, desc="train", disable=not is_main or quiet, dynamic_ncols=True)
     history: list[float] = []
-    t_start = time.time()
-    frames_window, t_window = 0, time.time()
-    stop = step >= tc.max_steps
+    t_start = _now() - elapsed_before
+    frames_window, t_window = 0, _now()
+    # fit_schedule: the pace is measured on this process's steps, dev evaluations timed apart.
+    pace_start, pace_step, eval_seconds, evals_done = _now(), step, 0.0, 0
+    fit_at = max(tc.warmup_steps, step + 20)
+
+    def refit_schedule() -> None:
+        step_s = (_now() - pace_start - eval_seconds) / max(step - pace_step, 1)
+        # 1% of the budget is kept back for the pace's ups and downs (the run must not overshoot).
+        total = fitted_total_steps(step, 0.99 * tc.max_minutes * 60 - (_now() - t_start), step_s,
+                                   eval_seconds / max(evals_done, 1), tc.eval_every, tc.max_steps)
+        if world > 1:  # every rank must end on the same step
+            agreed = torch.tensor([total], device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            total = int(agreed.item())
+        schedule.total = total
+        bar.total = total
+        bar.refresh()
+        if writer is not None:
+            writer.add_scalar("train/schedule_steps", total, step)
+
+    stop = step >= schedule.total
     while not stop:
         sampler.set_epoch(epoch)
         batches = sampler.batches()[batch_in_epoch:]
@@ -545,8 +611,8 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
             frames_window += int(batch.mel_lengths.sum()) * world
             if step_callback is not None:
                 step_callback(step, model)
-            if is_main and (step % tc.log_every == 0 or step == tc.max_steps):
-                now = time.time()
+            if is_main and (step % tc.log_every == 0 or step == schedule.total):
+                now = _now()
                 fps = frames_window / max(now - t_window, 1e-9)
                 frames_window, t_window = 0, now
                 bar.set_postfix(loss=f"{loss_value:.3f}", ctc=f"{float(out['ctc_loss'].detach()):.3f}",
@@ -560,19 +626,22 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                     if grad_norm is not None:
                         writer.add_scalar("train/grad_norm", float(grad_norm), step)
             bar.update(1)
-            timed_out = tc.max_minutes > 0 and (time.time() - t_start) > tc.max_minutes * 60
+            timed_out = tc.max_minutes > 0 and (_now() - t_start) > tc.max_minutes * 60
             if world > 1:
                 # Every rank must stop at the same step, or the collectives would hang.
                 flag = torch.tensor([float(timed_out)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 timed_out = bool(flag.item())
-            stop = step >= tc.max_steps or timed_out
+            if tc.fit_schedule and step == fit_at:
+                refit_schedule()
+            stop = step >= schedule.total or timed_out
             if tc.eval_every and (step % tc.eval_every == 0 or stop):
+                eval_start = _now()
                 if is_main:
                     metrics = _evaluate_dev(eval_model, tokenizer, datasets["dev"], tc, device)
                     if not quiet:
                         tqdm.write(f"step {step}: dev cer {metrics['cer']:.4f} wer {metrics['wer']:.4f} "
-                                   f"({time.time() - t_start:.0f}s)")
+                                   f"({_now() - t_start:.0f}s)")
                     if writer is not None:
                         writer.add_scalar("dev/cer", metrics["cer"], step)
                         writer.add_scalar("dev/wer", metrics["wer"], step)
@@ -582,6 +651,10 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                 if world > 1:
                     # best_cer lives on rank 0; the others only need to wait for the evaluation.
                     dist.barrier()
+                eval_seconds += _now() - eval_start
+                evals_done += 1
+                if tc.fit_schedule and not stop and step > fit_at:
+                    refit_schedule()
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or stop:
                 save(ckpt_path)
             if stop:
@@ -597,7 +670,12 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         # writes the last checkpoint (the likely cause of a gloo abort at exit seen once in CI).
         dist.barrier()
     return {"step": step, "loss_history": history, "best_dev_cer": best_cer, "out_dir": str(out_dir),
-            "minutes": (time.time() - t_start) / 60}
+            "minutes": (_now() - t_start) / 60, "schedule_steps": schedule.total}
+
+
+def _now() -> float:
+    """Seconds on a monotonic clock (a function of its own so that tests can replace the clock)."""
+    return time.monotonic()
 
 
 def _evaluate_dev(model: Echo, tokenizer: CharTokenizer, dataset: Dataset, tc: TrainConfig, device: torch.device

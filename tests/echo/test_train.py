@@ -101,6 +101,72 @@ def test_weight_average_follows_the_ramped_decay_and_is_what_best_pt_holds(tmp_p
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
 
 
+def test_fitted_total_steps_spends_the_budget_on_steps_and_evaluations():
+    fit = tr.fitted_total_steps
+    assert fit(0, 100.0, 1.0, 0.0, 0, 1000) == 100
+    assert fit(0, 100.0, 1.0, 0.0, 0, 80) == 80  # never past max_steps
+    # 65 steps + 7 evaluations (at 10, 20, ..., 60 and at the end) cost exactly 100 s; 66 would not fit.
+    assert fit(0, 100.0, 1.0, 5.0, 10, 1000) == 65
+    assert fit(30, 100.0, 1.0, 5.0, 10, 1000) == 95  # evaluations at 40 ... 90 and at the end
+    assert fit(30, 100.0, 1.0, 5.0, 10, 1000) <= fit(30, 100.0, 1.0, 4.0, 10, 1000)
+    assert fit(12, -1.0, 1.0, 0.0, 0, 1000) == 12  # out of time: the run ends now
+
+
+class _FakeClock:
+    """``tr._now`` stand-in: one second per optimiser step, nothing else costs time."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def tick(self, step, model) -> None:
+        self.t += 1.0
+
+
+def test_fit_schedule_ends_the_cosine_inside_the_time_budget(tmp_path, monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(tr, "_now", clock)
+    cfg = _cfg(tmp_path, max_steps=1000, warmup_steps=4, max_minutes=0.5, fit_schedule=True, ckpt_every=5)
+    result = train(cfg, step_callback=clock.tick, quiet=True)
+    # Fitted after 20 steps at 1 s each: 99% of 30 s holds 29 steps, and the schedule ends annealed there.
+    assert result["step"] == result["schedule_steps"] == 29
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["scheduler"]["_last_lr"][0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert last["elapsed_s"] == pytest.approx(29.0)
+
+    # Without fit_schedule the same budget cuts the 1000-step cosine at its top.
+    cut = train(_cfg(tmp_path / "cut", max_steps=1000, warmup_steps=4, max_minutes=0.5), step_callback=clock.tick,
+                quiet=True)
+    assert cut["step"] == 31 and cut["schedule_steps"] == 1000
+
+
+def test_fit_schedule_survives_a_resume(tmp_path, monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(tr, "_now", clock)
+    cfg = _cfg(tmp_path, max_steps=1000, warmup_steps=4, max_minutes=0.5, fit_schedule=True, ckpt_every=5)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_27(step, model):
+        clock.tick(step, model)
+        if step == 27:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, step_callback=crash_at_27, quiet=True)
+    clock.t += 3600.0  # the restart is not charged to the budget: only checkpointed training time counts
+    resumed = train(cfg, resume=True, step_callback=clock.tick, quiet=True)
+    assert resumed["step"] == resumed["schedule_steps"] == 29
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["scheduler"]["_last_lr"][0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert last["elapsed_s"] == pytest.approx(29.0)
+    with pytest.raises(ValueError, match="fit_schedule needs a time budget"):
+        config_from_dict({"train": {"fit_schedule": True}})
+
+
 def test_sampler_order_depends_only_on_seed_and_epoch():
     durations = [float(i % 7) for i in range(50)]
     s0 = DistributedBucketSampler(durations, 4, num_replicas=2, rank=0, seed=3)
