@@ -72,8 +72,8 @@ class TrainConfig:
     the schedule still runs over ``max_steps`` and is cut wherever the time runs out; with
     ``fit_schedule`` the cosine is instead shortened to the steps that fit in ``max_minutes`` at
     the measured pace (never more than ``max_steps``), so a slower machine trains fewer steps but
-    still ends annealed. The fit is made after ``warmup_steps`` and refreshed after each dev
-    evaluation; the fitted length is checkpointed, but it depends on timing, so a resumed run can
+    still ends annealed. The fit is made after ``warmup_steps`` (and at least ``FIT_PACE_STEPS``
+    timed steps) and refreshed after each dev evaluation; the fitted length is checkpointed, but it depends on timing, so a resumed run can
     end on another step than an uninterrupted one."""
 
     out_dir: str = "runs/tiny"
@@ -473,6 +473,9 @@ class WeightAverage:
         self.model.load_state_dict(state["model"])
 
 
+FIT_PACE_STEPS = 50  # fit_schedule: steps timed before the first fit (and after a resume)
+
+
 def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable[[int, nn.Module], None] | None = None,
           quiet: bool = False) -> dict[str, Any]:
     """Train (or continue) a run; returns ``{"step", "loss_history", "best_dev_cer", "out_dir"}``.
@@ -507,6 +510,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         if tokenizer_from_state(ckpt["tokenizer"]).state() != tokenizer.state():
             raise ValueError(f"{resume_from} was trained with another tokenizer than this config builds")
         model.load_state_dict(ckpt["model"])
+        # (Group settings come from the checkpoint, `fused` included: a run keeps its optimiser.)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         # The config decides the schedule (a resume may extend max_steps); only a fitted length,
@@ -570,9 +574,11 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     history: list[float] = []
     t_start = _now() - elapsed_before
     frames_window, t_window = 0, _now()
-    # fit_schedule: the pace is measured on this process's steps, dev evaluations timed apart.
-    pace_start, pace_step, eval_seconds, evals_done = _now(), step, 0.0, 0
-    fit_at = max(tc.warmup_steps, step + 20)
+    # fit_schedule: the pace is measured on this process's steps from its second one on (the
+    # first pays for start-up), dev evaluations timed apart. Until an evaluation has been timed
+    # its cost is unknown (taken as 0); the refit after the first one corrects the length.
+    pace_start, pace_step, eval_seconds, evals_done = 0.0, None, 0.0, 0
+    fit_at = max(tc.warmup_steps, step + 1 + FIT_PACE_STEPS)
 
     def refit_schedule() -> None:
         step_s = (_now() - pace_start - eval_seconds) / max(step - pace_step, 1)
@@ -589,7 +595,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         if writer is not None:
             writer.add_scalar("train/schedule_steps", total, step)
 
-    stop = step >= schedule.total
+    stop = step >= schedule.total or (tc.max_minutes > 0 and elapsed_before > tc.max_minutes * 60)
     while not stop:
         sampler.set_epoch(epoch)
         batches = sampler.batches()[batch_in_epoch:]
@@ -626,6 +632,8 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                     if grad_norm is not None:
                         writer.add_scalar("train/grad_norm", float(grad_norm), step)
             bar.update(1)
+            if pace_step is None:
+                pace_start, pace_step = _now(), step
             timed_out = tc.max_minutes > 0 and (_now() - t_start) > tc.max_minutes * 60
             if world > 1:
                 # Every rank must stop at the same step, or the collectives would hang.
@@ -655,6 +663,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
                 evals_done += 1
                 if tc.fit_schedule and not stop and step > fit_at:
                     refit_schedule()
+                    stop = step >= schedule.total  # no time left for another step and evaluation
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or stop:
                 save(ckpt_path)
             if stop:

@@ -125,44 +125,71 @@ class _FakeClock:
         self.t += 1.0
 
 
+def _fit_cfg(tmp_path, **train_kw):
+    # A 60 s budget at 1 s a step (the fake clock): fitted after 1 + 50 timed steps.
+    return _cfg(tmp_path, max_steps=1000, warmup_steps=4, max_minutes=1.0, fit_schedule=True, ckpt_every=5,
+                **train_kw)
+
+
 def test_fit_schedule_ends_the_cosine_inside_the_time_budget(tmp_path, monkeypatch):
     clock = _FakeClock()
     monkeypatch.setattr(tr, "_now", clock)
-    cfg = _cfg(tmp_path, max_steps=1000, warmup_steps=4, max_minutes=0.5, fit_schedule=True, ckpt_every=5)
+    cfg = _fit_cfg(tmp_path)
     result = train(cfg, step_callback=clock.tick, quiet=True)
-    # Fitted after 20 steps at 1 s each: 99% of 30 s holds 29 steps, and the schedule ends annealed there.
-    assert result["step"] == result["schedule_steps"] == 29
+    # At step 51, 51 s gone: 99% of 60 s leaves 8.4 s, so 8 more steps, and the cosine ends annealed there.
+    assert result["step"] == result["schedule_steps"] == 59
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert last["scheduler"]["_last_lr"][0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
-    assert last["elapsed_s"] == pytest.approx(29.0)
+    assert last["elapsed_s"] == pytest.approx(59.0)
 
-    # Without fit_schedule the same budget cuts the 1000-step cosine at its top.
-    cut = train(_cfg(tmp_path / "cut", max_steps=1000, warmup_steps=4, max_minutes=0.5), step_callback=clock.tick,
+    # Without fit_schedule the same budget cuts the 1000-step cosine near its top.
+    cut = train(_cfg(tmp_path / "cut", max_steps=1000, warmup_steps=4, max_minutes=1.0), step_callback=clock.tick,
                 quiet=True)
-    assert cut["step"] == 31 and cut["schedule_steps"] == 1000
+    assert cut["step"] == 61 and cut["schedule_steps"] == 1000
+
+
+def test_fit_schedule_stops_when_an_evaluation_spends_the_rest(tmp_path, monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(tr, "_now", clock)
+    evaluated = []
+
+    def slow_evaluation(model, tokenizer, dataset, tc, device):
+        evaluated.append(clock())
+        clock.t += 8.0
+        return {"cer": 0.5, "wer": 0.5}
+
+    monkeypatch.setattr(tr, "_evaluate_dev", slow_evaluation)
+    # Fitted to 59 steps at step 51 (evaluations not yet timed); the one at step 55 takes 8 s, after
+    # which no step fits: the run ends there, without a second evaluation past the budget.
+    result = train(_fit_cfg(tmp_path, eval_every=55), step_callback=clock.tick, quiet=True)
+    assert result["step"] == result["schedule_steps"] == 55
+    assert evaluated == [1055.0]
 
 
 def test_fit_schedule_survives_a_resume(tmp_path, monkeypatch):
     clock = _FakeClock()
     monkeypatch.setattr(tr, "_now", clock)
-    cfg = _cfg(tmp_path, max_steps=1000, warmup_steps=4, max_minutes=0.5, fit_schedule=True, ckpt_every=5)
+    cfg = _fit_cfg(tmp_path)
 
     class Crash(RuntimeError):
         pass
 
-    def crash_at_27(step, model):
+    def crash_at_57(step, model):
         clock.tick(step, model)
-        if step == 27:
+        if step == 57:
             raise Crash
 
     with pytest.raises(Crash):
-        train(cfg, step_callback=crash_at_27, quiet=True)
+        train(cfg, step_callback=crash_at_57, quiet=True)
     clock.t += 3600.0  # the restart is not charged to the budget: only checkpointed training time counts
     resumed = train(cfg, resume=True, step_callback=clock.tick, quiet=True)
-    assert resumed["step"] == resumed["schedule_steps"] == 29
+    assert resumed["step"] == resumed["schedule_steps"] == 59  # the length fitted before the crash
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert last["scheduler"]["_last_lr"][0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
-    assert last["elapsed_s"] == pytest.approx(29.0)
+    assert last["elapsed_s"] == pytest.approx(59.0)
+    # A run whose budget is spent (59 s of 54) takes no further step, whatever its schedule.
+    spent = _cfg(tmp_path, max_steps=2000, warmup_steps=4, max_minutes=0.9, ckpt_every=5)
+    assert train(spent, resume=True, step_callback=clock.tick, quiet=True)["step"] == 59
     with pytest.raises(ValueError, match="fit_schedule needs a time budget"):
         config_from_dict({"train": {"fit_schedule": True}})
 
@@ -215,7 +242,8 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = _cfg(__import__("pathlib").Path(tmp), max_steps=3, ckpt_every=3)
+    # fit_schedule: the fit after 51 steps must agree across ranks (an all-reduce every rank joins).
+    cfg = _cfg(__import__("pathlib").Path(tmp), max_steps=60, ckpt_every=60, max_minutes=10.0, fit_schedule=True)
     cfg.train.device = "cpu"
     checks = []
 
@@ -235,10 +263,10 @@ def test_ddp_two_processes_gloo_keep_identical_weights(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         checks = torch.load(tmp_path / f"rank{rank}.pt")["checks"]
-        assert checks == [True, True, True]
+        assert checks == [True] * 60
     # Only rank 0 writes: one run folder with one checkpoint.
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert ck["step"] == 3 and len(ck["rng"]) == 2
+    assert ck["step"] == 60 and len(ck["rng"]) == 2
 
 
 def test_sampler_module_is_a_distributed_sampler():
