@@ -73,8 +73,8 @@ class TrainConfig:
     ``fit_schedule`` the cosine is instead shortened to the steps that fit in ``max_minutes`` at
     the measured pace (never more than ``max_steps``), so a slower machine trains fewer steps but
     still ends annealed. The fit is made after ``warmup_steps`` (and at least ``FIT_PACE_STEPS``
-    timed steps) and refreshed after each dev evaluation; the fitted length is checkpointed, but it depends on timing, so a resumed run can
-    end on another step than an uninterrupted one."""
+    timed steps) and refreshed after each dev evaluation; the fitted length is checkpointed, but
+    it depends on timing, so a resumed run can end on another step than an uninterrupted one."""
 
     out_dir: str = "runs/tiny"
     seed: int = 0
@@ -573,6 +573,11 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     bar = tqdm(total=schedule.total, initial=step, desc="train", disable=not is_main or quiet, dynamic_ncols=True)
     history: list[float] = []
     t_start = _now() - elapsed_before
+    budget_s = tc.max_minutes * 60  # 0 = no limit
+
+    def out_of_time() -> bool:
+        return budget_s > 0 and _now() - t_start > budget_s
+
     frames_window, t_window = 0, _now()
     # fit_schedule: the pace is measured on this process's steps from its second one on (the
     # first pays for start-up), dev evaluations timed apart. Until an evaluation has been timed
@@ -583,7 +588,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     def refit_schedule() -> None:
         step_s = (_now() - pace_start - eval_seconds) / max(step - pace_step, 1)
         # 1% of the budget is kept back for the pace's ups and downs (the run must not overshoot).
-        total = fitted_total_steps(step, 0.99 * tc.max_minutes * 60 - (_now() - t_start), step_s,
+        total = fitted_total_steps(step, 0.99 * budget_s - (_now() - t_start), step_s,
                                    eval_seconds / max(evals_done, 1), tc.eval_every, tc.max_steps)
         if world > 1:  # every rank must end on the same step
             agreed = torch.tensor([total], device=device)
@@ -595,7 +600,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
         if writer is not None:
             writer.add_scalar("train/schedule_steps", total, step)
 
-    stop = step >= schedule.total or (tc.max_minutes > 0 and elapsed_before > tc.max_minutes * 60)
+    stop = step >= schedule.total or out_of_time()
     while not stop:
         sampler.set_epoch(epoch)
         batches = sampler.batches()[batch_in_epoch:]
@@ -634,7 +639,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
             bar.update(1)
             if pace_step is None:
                 pace_start, pace_step = _now(), step
-            timed_out = tc.max_minutes > 0 and (_now() - t_start) > tc.max_minutes * 60
+            timed_out = out_of_time()
             if world > 1:
                 # Every rank must stop at the same step, or the collectives would hang.
                 flag = torch.tensor([float(timed_out)], device=device)
