@@ -28,6 +28,10 @@ CASES = {
     "empty_row": Case(empty_row=True),
     "empty_row_causal": Case(empty_row=True, causal=True, bias="l1"),
     "odd_dim_pairs": Case(dim=6, theta_mode="fixed", radius_mode="unit"),
+    # The backward splits each (batch, kv head)'s key blocks into ceil(32 / (B x Hk)) chunks:
+    # 5 blocks in 4 uneven chunks (the last holds 2), and B x Hk = 32 with a single chunk.
+    "key_chunks_uneven": Case(kv_heads=4, tq=97, tk=300, causal=True),
+    "one_key_chunk": Case(batch=4, heads=8, kv_heads=8, tq=70, tk=130, dim=16),
 }
 
 

@@ -1,21 +1,26 @@
 // Fused vRoPE attention backward on CPU, deterministic without atomics.
 //
-// Two parallel passes recompute P = exp(S - lse) tile by tile (as FlashAttention does):
-//   1. queries pass over (batch, head, query block): dq~, unrotated into dq and the
-//      query-side partials, plus per-row alpha / beta / pitch partials (and, for
-//      bfloat16/float16, the exact row deltas the keys pass reads).
-//   2. keys pass over (batch, kv head, key block): dV and dK~ for the block, summed over the
-//      group's query heads and all query tiles in a fixed order, then unrotated into dk and
-//      the key-side radius / log-theta partials; key-side pitch partials from the bias.
-// Every partial lands in its own slot of a [B, heads, T] buffer and is summed afterwards
-// in a fixed order, so the result does not depend on the thread count.
+// One pass over key blocks recomputes P = exp(S - lse) tile by tile (as FlashAttention-2
+// does) and forms all three matrix gradients from the same dS: per (batch, kv head, key
+// chunk) task, each key block walks the group's query tiles and accumulates
+//   dV += P^T dO and dK~ += dS^T Q~ in tile registers (the block is the task's own), and
+//   dQ~ += dS K~ into the chunk's own [Tq, D] slice of a partial buffer;
+// five tile products per (query tile, key tile), where separate query and key passes need
+// seven (S and dP twice). Key-side partials (radius, log-theta, pitch) are finished per key
+// block; a last pass over query rows sums the dQ~ slices and the per-row bias pieces over
+// chunks in a fixed order, unrotates dQ~ and writes the query-side partials.
 //
-// Both passes walk the other side's whole sequence once per task. Rotating (and converting,
-// transposing) those tiles again for every task would cost as much as a gemm, so each thread
-// keeps the other side of its current (batch, kv head) prepared once, as the forward does:
-// consecutive tasks of a thread share it (tasks are ordered block-fastest). The caches are
-// pure functions of (b, kv head), so which thread fills them never changes a bit of the result.
-// Extra memory per thread: keys 3 x Tk x D, queries 2 x (H / Hk) x Tq x D; never [Tq, Tk].
+// Chunks, not one task per (batch, kv head), keep enough tasks for the threads when B x Hk
+// is small; their number depends only on the shapes (never on the thread count), and every
+// partial lands in its own slot and is summed in a fixed order, so the result is bitwise the
+// same for any number of threads. bfloat16/float16 inputs first take a query-tile pass that
+// computes the row deltas exactly (see kExactDelta).
+//
+// Each thread keeps its current (batch, kv head)'s rotated keys and queries prepared once
+// (consecutive tasks share them); the caches are pure functions of (b, kv head), so which
+// thread fills them never changes a bit. Extra memory: per thread keys 3 x Tk x D and
+// queries 2 x (H / Hk) x Tq x D; the dQ~ slices chunks x B x H x Tq x D with at most
+// kMinTasks / (B x Hk) chunks (O(T), never [Tq, Tk]).
 #include "vrope_common.h"
 
 #include <type_traits>
@@ -23,7 +28,35 @@
 namespace vrope {
 namespace {
 
-// Per-token partial gradients, one slot per (batch, head, token) (stat dtype).
+// Enough tasks for the threads of a large CPU when B x Hk is small.
+constexpr int64_t kMinTasks = 32;
+
+// Key blocks [first(c), first(c + 1)) form chunk c.
+struct KeyChunks {
+  int64_t blocks, count;
+  explicit KeyChunks(const Shape& s)
+      : blocks(ceil_div(s.Tk, kBlockK)),
+        count(std::clamp<int64_t>(ceil_div(kMinTasks, s.B * s.Hk), 1, std::max<int64_t>(blocks, 1))) {}
+  int64_t first(int64_t c) const { return c * blocks / count; }
+};
+
+// Query-side sums of one key chunk: dQ~ rows (times the softmax scale, rotated layout)
+// [chunks, B, H, Tq + kRows, Dp] (kRows spare rows take the padded rows of a register
+// tile) and the per-row bias pieces [chunks, B, H, Tq]; zero where a chunk adds nothing.
+template <typename acc_t>
+struct ChunkSums {
+  at::Tensor dq_buf;
+  std::vector<BiasRowGrads<acc_t>> bias;
+  int64_t rows_per_head, Dp;
+  int64_t head(int64_t c, int64_t b, int64_t h, const Shape& s) const { return (c * s.B + b) * s.H + h; }
+  acc_t* dq(int64_t c, int64_t b, int64_t h, int64_t i, const Shape& s) {
+    return dq_buf.data_ptr<acc_t>() + (head(c, b, h, s) * rows_per_head + i) * Dp;
+  }
+  BiasRowGrads<acc_t>* row_bias(int64_t c, int64_t b, int64_t h, int64_t i, const Shape& s) {
+    return bias.data() + head(c, b, h, s) * s.Tq + i;
+  }
+};
+
 template <typename acc_t>
 struct Partials {
   at::Tensor buf;  // [kinds, B, heads, T]
@@ -62,71 +95,113 @@ class BackwardTask {
                const acc_t* lse, acc_t* delta)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), dout_(dout), lse_(lse), delta_(delta),
         n_kb_(ceil_div(s_.Tk, kBlockK)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
-        e_(kBlockQ * kBlockK, acc_t(0)), acc_(kBlockQ * s_.Dp, acc_t(0)), acc2_(kBlockK * s_.Dp, acc_t(0)), col_(kBlockK, acc_t(0)),
-        dpitch_(kBlockK, acc_t(0)), rows_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()),
-        beta_(static_cast<acc_t>(in.beta_value)) {}
+        e_(kBlockQ * kBlockK, acc_t(0)), dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
+        col_(kBlockK, acc_t(0)), dpitch_(kBlockK, acc_t(0)), delta_tile_(kBlockQ, acc_t(0)), dq_row_(s_.Dp, acc_t(0)),
+        alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
-  // Pass 1: dq and query-side partials of query block `task` = (b, h, qb).
-  void run_queries(int64_t task, scalar_t* dq_all, Partials<acc_t>& part) {
+  // Main pass, task = (b, hk, chunk): every key block of the chunk (dK, dV, key-side
+  // partials) and the chunk's dQ~ and bias-row sums.
+  void run_keys(int64_t task, const KeyChunks& chunks, scalar_t* dk_all, scalar_t* dv_all, Partials<acc_t>& part,
+                ChunkSums<acc_t>& sums) {
+    const int64_t c = task % chunks.count, hk = (task / chunks.count) % s_.Hk, b = task / (chunks.count * s_.Hk);
+    for (int64_t kb = chunks.first(c); kb < chunks.first(c + 1); ++kb) key_block(b, hk, c, kb, dk_all, dv_all, part, sums);
+  }
+
+  // Last pass, task = (b, h, query block): dq and the query-side partials from the chunk sums.
+  void finish_queries(int64_t task, int64_t n_chunks, scalar_t* dq_all, Partials<acc_t>& part,
+                      ChunkSums<acc_t>& sums) {
     const int64_t n_qb = ceil_div(s_.Tq, kBlockQ);
-    const int64_t qb = task % n_qb, h = (task / n_qb) % s_.H, b = task / (n_qb * s_.H);
-    const int64_t hk = h / s_.G, i0 = qb * kBlockQ;
+    const int64_t qb = task % n_qb, h = (task / n_qb) % s_.H, b = task / (n_qb * s_.H), i0 = qb * kBlockQ;
     const int64_t lq = in_.lq[b], lk = in_.lk[b];
     const int64_t rows = std::min(kBlockQ, s_.Tq - i0);
-    int64_t nq = std::clamp<int64_t>(lq - i0, 0, rows);
-    const int64_t kend = in_.causal ? std::min(lk, i0 + nq + lk - lq) : lk;
-    if (kend <= 0) nq = 0;  // rows with no allowed key pass no gradient
+    const int64_t nq = std::clamp<int64_t>(lq - i0, 0, rows);
     const int64_t base = (b * s_.H + h) * s_.Tq + i0;
     write_zero_rows(base, nq, rows, dq_all, part, kQKinds);
-    if (nq == 0) return;
-
-    const int64_t M = round_up(nq, kRows);
-    load_query_tile(b, h, i0, nq, M);
-    prepare_keys(b, hk, lk);
-    if (kExactDelta) exact_deltas(b, h, i0, nq, M, kend, lq, lk);
-    const QueryRows<acc_t> qr{q_.data(), do_.data(), lse_tile_.data(), delta_tile_.data()};
-    acc_t* dq_acc = acc_.data();
-    std::fill(acc_.begin(), acc_.begin() + M * s_.Dp, acc_t(0));
-    std::fill(rows_.begin(), rows_.end(), BiasRowGrads<acc_t>{});
-    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
-      const int64_t nk = std::min(kBlockK, kend - j0), N = round_up(nk, kPad);
-      const KeyTile<acc_t> kt = key_tile(j0);
-      probs_and_grads(b, h, i0, nq, M, qr, j0, nk, N, kt, lq, lk, nullptr, rows_.data());
-      gemm<acc_t>(M, s_.Dp, nk, ds_.data(), kBlockK, kt.k, s_.Dp, dq_acc, s_.Dp, true);
-    }
     const acc_t scale = static_cast<acc_t>(in_.scale), a = alpha_[h];
+    acc_t* g = dq_row_.data();
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = i0 + r, t = sq_.token(b, i), slot = base + r;
-      unrotate_row(dq_acc + r * s_.Dp, scale, in_.q.data_ptr<scalar_t>() + slot * s_.D, sq_.cos + sq_.pair(b, i),
+      if (!sees_keys(i, lq, lk)) {  // no allowed key: no gradient (never 0 * a padded token's radius)
+        write_zero_rows(base, r, r + 1, dq_all, part, kQKinds);
+        continue;
+      }
+      std::fill_n(g, s_.Dp, acc_t(0));
+      BiasRowGrads<acc_t> bg;
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        const acc_t* src = sums.dq(ch, b, h, i, s_);
+        for (int64_t d = 0; d < s_.Dp; ++d) g[d] += src[d];
+        const BiasRowGrads<acc_t>& piece = *sums.row_bias(ch, b, h, i, s_);
+        bg.w += piece.w;
+        bg.w_dist += piece.w_dist;
+        bg.w_sign += piece.w_sign;
+      }
+      unrotate_row(g, scale, in_.q.data_ptr<scalar_t>() + slot * s_.D, sq_.cos + sq_.pair(b, i),
                    sq_.sin + sq_.pair(b, i), sq_.phi + sq_.pair(b, i), sq_.radius[t], s_.P, dq_all + slot * s_.D,
                    part.kind(kQRadius)[slot], part.kind(kQLogTheta)[slot]);
-      const BiasRowGrads<acc_t>& g = rows_[r];  // all zero without a bias
-      part.kind(kQPitch)[slot] = -beta_ * a * g.w_sign;
-      part.kind(kQAlpha)[slot] = in_.bias == kBiasExp ? g.w : -beta_ * g.w_dist;
-      part.kind(kQBeta)[slot] = -a * g.w_dist;
+      part.kind(kQPitch)[slot] = -beta_ * a * bg.w_sign;  // all bias pieces are zero without a bias
+      part.kind(kQAlpha)[slot] = in_.bias == kBiasExp ? bg.w : -beta_ * bg.w_dist;
+      part.kind(kQBeta)[slot] = -a * bg.w_dist;
     }
   }
 
-  // Pass 2: dK, dV and key-side partials of key block `task` = (b, hk, kb).
-  void run_keys(int64_t task, scalar_t* dk_all, scalar_t* dv_all, Partials<acc_t>& part) {
-    const int64_t kb = task % n_kb_, hk = (task / n_kb_) % s_.Hk, b = task / (n_kb_ * s_.Hk);
+  // With bfloat16/float16 outputs, delta = <dout, out> would inherit out's rounding (a
+  // coherent error in every dS, visible in dbeta). Instead, before the main pass, sum_j
+  // P_ij dP_ij over all key tiles in the stat dtype (two extra tile products).
+  static constexpr bool kExactDelta = !std::is_same<scalar_t, acc_t>::value;
+
+  // Delta pass, task = (b, h, query block): exact row deltas into delta_. Its task objects
+  // must not serve the main pass (their query caches hold the inexact deltas).
+  void run_deltas(int64_t task) {
+    const int64_t n_qb = ceil_div(s_.Tq, kBlockQ);
+    const int64_t qb = task % n_qb, h = (task / n_qb) % s_.H, b = task / (n_qb * s_.H), i0 = qb * kBlockQ;
+    const int64_t hk = h / s_.G, lq = in_.lq[b], lk = in_.lk[b];
+    const int64_t nq = std::clamp<int64_t>(lq - i0, 0, std::min(kBlockQ, s_.Tq - i0));
+    const int64_t kend = in_.causal ? std::min(lk, i0 + nq + lk - lq) : lk;
+    if (nq == 0 || kend <= 0) return;  // these rows pass no gradient, their delta is never used
+    prepare_keys(b, hk, lk);
+    prepare_queries(b, hk, lq);
+    const int64_t M = round_up(nq, kRows);
+    const QueryRows<acc_t> qr = query_rows(h % s_.G, i0);
+    std::fill(delta_tile_.begin(), delta_tile_.end(), acc_t(0));
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0), N = round_up(nk, kPad);
+      const KeyTile<acc_t> kt = key_tile(j0);
+      gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
+      gemm<acc_t>(M, N, s_.Dp, qr.dout, s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = i0 + r;
+        acc_t* prow = p_.data() + r * kBlockK;
+        const BiasRow<acc_t> br = bias_row(b, h, i);
+        if (br.active() && kt.any_voiced) add_bias_row(br, kt.pitch, kt.voiced, N, prow, static_cast<acc_t*>(nullptr));
+        mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
+        exp_row(prow, N, qr.lse[r]);
+        delta_tile_[r] += dot_row(prow, ds_.data() + r * kBlockK, N);
+      }
+    }
+    const int64_t base = (b * s_.H + h) * s_.Tq + i0;
+    for (int64_t r = 0; r < nq; ++r) delta_[base + r] = delta_tile_[r];
+  }
+
+ private:
+  // Key block kb of (b, hk): dK, dV and the key-side partials, written; dQ~ and the
+  // bias-row pieces of every query row it meets, added to chunk c's sums.
+  void key_block(int64_t b, int64_t hk, int64_t c, int64_t kb, scalar_t* dk_all, scalar_t* dv_all,
+                 Partials<acc_t>& part, ChunkSums<acc_t>& sums) {
     const int64_t j0 = kb * kBlockK;
     const int64_t lq = in_.lq[b], lk = in_.lk[b];
     const int64_t rows = std::min(kBlockK, s_.Tk - j0);
     const int64_t nk = std::clamp<int64_t>(lk - j0, 0, rows);
     const int64_t base = (b * s_.Hk + hk) * s_.Tk + j0;
     write_zero_rows(base, nk, rows, dk_all, part, kKKinds);  // keys past Lk get zero gradients
-    for (int64_t c = nk; c < rows; ++c) std::fill_n(dv_all + (base + c) * s_.D, s_.D, scalar_t(0));
+    for (int64_t r = nk; r < rows; ++r) std::fill_n(dv_all + (base + r) * s_.D, s_.D, scalar_t(0));
     if (nk == 0) return;
 
     const int64_t N = round_up(nk, kPad), Mk = round_up(nk, kRows);
     prepare_keys(b, hk, lk);
     prepare_queries(b, hk, lq);
     const KeyTile<acc_t> kt = key_tile(j0);
-    acc_t* dk_acc = acc_.data();
-    acc_t* dv_acc = acc2_.data();
-    std::fill(acc_.begin(), acc_.end(), acc_t(0));
-    std::fill(acc2_.begin(), acc2_.end(), acc_t(0));
+    std::fill(dk_acc_.begin(), dk_acc_.end(), acc_t(0));
+    std::fill(dv_acc_.begin(), dv_acc_.end(), acc_t(0));
     std::fill(dpitch_.begin(), dpitch_.end(), acc_t(0));
     // Query rows before istart are above the causal diagonal for every key of the block.
     const int64_t istart = in_.causal ? std::max<int64_t>(0, j0 - (lk - lq)) : 0;
@@ -135,32 +210,28 @@ class BackwardTask {
       std::fill(col_.begin(), col_.end(), acc_t(0));
       for (int64_t i0 = istart; i0 < lq; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, lq - i0), M = round_up(nq, kRows);
-        const int64_t row0 = g * tq_rows_ + i0;
-        const QueryRows<acc_t> qr{qc_.data() + row0 * s_.Dp, doc_.data() + row0 * s_.Dp, lsec_.data() + row0,
-                                  deltac_.data() + row0};
-        probs_and_grads(b, h, i0, nq, M, qr, j0, nk, N, kt, lq, lk, col_.data(), nullptr);
-        gemm_at<acc_t>(Mk, s_.Dp, nq, p_.data(), kBlockK, qr.dout, s_.Dp, dv_acc, s_.Dp, true);
-        gemm_at<acc_t>(Mk, s_.Dp, nq, ds_.data(), kBlockK, qr.q, s_.Dp, dk_acc, s_.Dp, true);
+        const QueryRows<acc_t> qr = query_rows(g, i0);
+        probs_and_grads(b, h, i0, nq, M, qr, j0, nk, N, kt, lq, lk, col_.data(), sums.row_bias(c, b, h, i0, s_));
+        gemm_at<acc_t>(Mk, s_.Dp, nq, p_.data(), kBlockK, qr.dout, s_.Dp, dv_acc_.data(), s_.Dp, true);
+        gemm_at<acc_t>(Mk, s_.Dp, nq, ds_.data(), kBlockK, qr.q, s_.Dp, dk_acc_.data(), s_.Dp, true);
+        gemm<acc_t>(M, s_.Dp, nk, ds_.data(), kBlockK, kt.k, s_.Dp, sums.dq(c, b, h, i0, s_), s_.Dp, true);
       }
       // dpitch_k = sum over heads and queries of beta * alpha_h * w * sign(pq - pk).
       if (in_.bias != kBiasNone)
-        for (int64_t c = 0; c < nk; ++c) dpitch_[c] += beta_ * alpha_[h] * col_[c];
+        for (int64_t r = 0; r < nk; ++r) dpitch_[r] += beta_ * alpha_[h] * col_[r];
     }
-    for (int64_t c = 0; c < nk; ++c) {
-      const int64_t t = sk_.token(b, j0 + c), slot = base + c;
-      unrotate_row(dk_acc + c * s_.Dp, acc_t(1), in_.k.data_ptr<scalar_t>() + slot * s_.D, sk_.cos + sk_.pair(b, j0 + c),
-                   sk_.sin + sk_.pair(b, j0 + c), sk_.phi + sk_.pair(b, j0 + c), sk_.radius[t], s_.P,
+    for (int64_t r = 0; r < nk; ++r) {
+      const int64_t j = j0 + r, t = sk_.token(b, j), slot = base + r;
+      unrotate_row(dk_acc_.data() + r * s_.Dp, acc_t(1), in_.k.data_ptr<scalar_t>() + slot * s_.D,
+                   sk_.cos + sk_.pair(b, j), sk_.sin + sk_.pair(b, j), sk_.phi + sk_.pair(b, j), sk_.radius[t], s_.P,
                    dk_all + slot * s_.D, part.kind(kKRadius)[slot], part.kind(kKLogTheta)[slot]);
-      part.kind(kKPitch)[slot] = dpitch_[c];
-      for (int64_t d = 0; d < s_.D; ++d) dv_all[slot * s_.D + d] = static_cast<scalar_t>(dv_acc[c * s_.Dp + d]);
+      part.kind(kKPitch)[slot] = dpitch_[r];
+      for (int64_t d = 0; d < s_.D; ++d) dv_all[slot * s_.D + d] = static_cast<scalar_t>(dv_acc_[r * s_.Dp + d]);
     }
   }
 
- private:
-  // With bfloat16/float16 outputs, delta = <dout, out> would inherit out's rounding (a
-  // coherent error in every dS, visible in dbeta). Instead sum_j P_ij dP_ij over all key
-  // tiles in the stat dtype (two extra tile gemms); the keys pass then reads these deltas.
-  static constexpr bool kExactDelta = !std::is_same<scalar_t, acc_t>::value;
+  // Query i has an allowed key: j < Lk and (causal) j <= i + Lk - Lq for some j >= 0.
+  bool sees_keys(int64_t i, int64_t lq, int64_t lk) const { return lk > 0 && (!in_.causal || i + lk - lq >= 0); }
 
   // Rows [from, rows) of a block get zero gradients (the kernels write every element, so
   // the outputs need no zero fill and poisoned buffers catch a forgotten one).
@@ -172,28 +243,6 @@ class BackwardTask {
     }
   }
 
-  void exact_deltas(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t M, int64_t kend, int64_t lq,
-                    int64_t lk) {
-    std::fill(delta_tile_.begin(), delta_tile_.end(), acc_t(0));
-    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
-      const int64_t nk = std::min(kBlockK, kend - j0), N = round_up(nk, kPad);
-      const KeyTile<acc_t> kt = key_tile(j0);
-      gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
-      gemm<acc_t>(M, N, s_.Dp, do_.data(), s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);
-      for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = i0 + r;
-        acc_t* prow = p_.data() + r * kBlockK;
-        const BiasRow<acc_t> br = bias_row(b, h, i);
-        if (br.active() && kt.any_voiced) add_bias_row(br, kt.pitch, kt.voiced, N, prow, static_cast<acc_t*>(nullptr));
-        mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
-        exp_row(prow, N, lse_tile_[r]);
-        delta_tile_[r] += dot_row(prow, ds_.data() + r * kBlockK, N);
-      }
-    }
-    const int64_t base = (b * s_.H + h) * s_.Tq + i0;
-    for (int64_t r = 0; r < nq; ++r) delta_[base + r] = delta_tile_[r];
-  }
-
   BiasRow<acc_t> bias_row(int64_t b, int64_t h, int64_t i) const {
     const int64_t t = sq_.token(b, i);
     return BiasRow<acc_t>{in_.bias, alpha_[h], beta_, sq_.pitch[t], sq_.voiced[t]};
@@ -202,28 +251,6 @@ class BackwardTask {
   // exp(s - (+inf)) = 0 keeps rows without an allowed key (lse = -inf) out of every gradient.
   acc_t safe_lse(int64_t slot) const {
     return std::isinf(lse_[slot]) ? std::numeric_limits<acc_t>::infinity() : lse_[slot];
-  }
-
-  // The queries pass's own tile: rotated, scaled queries q_ [M, Dp], dout rows do_ [M, Dp],
-  // safe lse and delta per row; rows nq..M-1 zero.
-  void load_query_tile(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t M) {
-    q_.resize(kBlockQ * s_.Dp);
-    do_.resize(kBlockQ * s_.Dp);
-    lse_tile_.resize(kBlockQ);
-    delta_tile_.resize(kBlockQ);
-    const int64_t base = (b * s_.H + h) * s_.Tq + i0;
-    const scalar_t* q = in_.q.data_ptr<scalar_t>() + base * s_.D;
-    const acc_t scale = static_cast<acc_t>(in_.scale);
-    for (int64_t r = 0; r < nq; ++r) {
-      const int64_t t = sq_.token(b, i0 + r);
-      rotate_row(q + r * s_.D, sq_.cos + sq_.pair(b, i0 + r), sq_.sin + sq_.pair(b, i0 + r), sq_.radius[t], scale,
-                 s_.P, q_.data() + r * s_.Dp, 1);
-      load_row(dout_ + (base + r) * s_.D, s_.D, do_.data() + r * s_.Dp, 1);
-      lse_tile_[r] = safe_lse(base + r);
-      delta_tile_[r] = delta_[base + r];
-    }
-    std::fill(q_.begin() + nq * s_.Dp, q_.begin() + M * s_.Dp, acc_t(0));
-    std::fill(do_.begin() + nq * s_.Dp, do_.begin() + M * s_.Dp, acc_t(0));
   }
 
   // Rotated keys of the whole (b, hk) sequence, row-major [Tk, Dp] and transposed per key
@@ -272,7 +299,7 @@ class BackwardTask {
                           vkc_.data() + j0,                tile_voiced_[kb] != 0};
   }
 
-  // The keys pass reads every query tile of the group's heads for each key block: rotated,
+  // Every key block reads every query tile of the group's heads: rotated,
   // scaled queries, dout, safe lse and delta of all G heads of (b, hk), once per thread and
   // (b, hk). Rows past Lq are zero (they pad the register tile).
   void prepare_queries(int64_t b, int64_t hk, int64_t lq) {
@@ -337,6 +364,13 @@ class BackwardTask {
     std::fill(ds_.begin() + nq * kBlockK, ds_.begin() + M * kBlockK, acc_t(0));
   }
 
+  // Rows from i0 of head g of the group in the query cache.
+  QueryRows<acc_t> query_rows(int64_t g, int64_t i0) const {
+    const int64_t row0 = g * tq_rows_ + i0;
+    return QueryRows<acc_t>{qc_.data() + row0 * s_.Dp, doc_.data() + row0 * s_.Dp, lsec_.data() + row0,
+                            deltac_.data() + row0};
+  }
+
   const Inputs& in_;
   const Shape s_;
   const Side<acc_t>& sq_;
@@ -346,15 +380,12 @@ class BackwardTask {
   acc_t* delta_;
   const int64_t n_kb_;
   // Tile work buffers.
-  std::vector<acc_t> p_, ds_, e_, acc_, acc2_, col_, dpitch_;
-  std::vector<BiasRowGrads<acc_t>> rows_;
-  // Queries pass: its own query tile (allocated on first use).
-  std::vector<acc_t> q_, do_, lse_tile_, delta_tile_;
+  std::vector<acc_t> p_, ds_, e_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
   // Key cache of (b, hk) = keys_of_ (allocated on first use).
   std::vector<acc_t> kc_, ktc_, vtc_, pkc_, vkc_;
   std::vector<char> tile_voiced_;
   int64_t keys_of_ = -1;
-  // Query cache of (b, hk) = queries_of_, G heads of tq_rows_ rows each (keys pass only).
+  // Query cache of (b, hk) = queries_of_, G heads of tq_rows_ rows each.
   std::vector<acc_t> qc_, doc_, lsec_, deltac_;
   int64_t queries_of_ = -1, tq_rows_ = 0;
   const acc_t* alpha_;
@@ -425,18 +456,29 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     Partials<acc_t> qpart{new_output({kQKinds, s.B, s.H, s.Tq}, stat_opts, in.poison), s.B * s.H * s.Tq};
     Partials<acc_t> kpart{new_output({kKKinds, s.B, s.Hk, s.Tk}, stat_opts, in.poison), s.B * s.Hk * s.Tk};
 
-    // Queries first: for low-precision inputs it also writes the exact deltas the keys pass reads.
-    scalar_t* dq_ptr = dq.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.H * ceil_div(s.Tq, kBlockQ), 1, [&](int64_t lo, int64_t hi) {
-      BackwardTask<scalar_t, acc_t> task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
-      for (int64_t t = lo; t < hi; ++t) task.run_queries(t, dq_ptr, qpart);
-    });
+    using Task = BackwardTask<scalar_t, acc_t>;
+    const int64_t query_tasks = s.B * s.H * ceil_div(s.Tq, kBlockQ);
+    if (Task::kExactDelta) {
+      at::parallel_for(0, query_tasks, 1, [&](int64_t lo, int64_t hi) {
+        Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
+        for (int64_t t = lo; t < hi; ++t) task.run_deltas(t);
+      });
+    }
 
+    const KeyChunks chunks(s);
+    ChunkSums<acc_t> sums{at::zeros({chunks.count, s.B, s.H, s.Tq + kRows, s.Dp}, stat_opts),
+                          std::vector<BiasRowGrads<acc_t>>(chunks.count * s.B * s.H * s.Tq), s.Tq + kRows, s.Dp};
     scalar_t* dk_ptr = dk.data_ptr<scalar_t>();
     scalar_t* dv_ptr = dv.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.Hk * ceil_div(s.Tk, kBlockK), 1, [&](int64_t lo, int64_t hi) {
-      BackwardTask<scalar_t, acc_t> task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
-      for (int64_t t = lo; t < hi; ++t) task.run_keys(t, dk_ptr, dv_ptr, kpart);
+    at::parallel_for(0, s.B * s.Hk * chunks.count, 1, [&](int64_t lo, int64_t hi) {
+      Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
+      for (int64_t t = lo; t < hi; ++t) task.run_keys(t, chunks, dk_ptr, dv_ptr, kpart, sums);
+    });
+
+    scalar_t* dq_ptr = dq.data_ptr<scalar_t>();
+    at::parallel_for(0, query_tasks, 1, [&](int64_t lo, int64_t hi) {
+      Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
+      for (int64_t t = lo; t < hi; ++t) task.finish_queries(t, chunks.count, dq_ptr, qpart, sums);
     });
     // Fixed-order reductions of the partials.
     at::Tensor dalpha = at::zeros({s.H}, stat_opts);
