@@ -233,3 +233,17 @@ def test_kernel_rejects_bad_input():
         cpu_backend._C.forward(q, torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8), f, f, alpha, beta, lengths,
                                lengths, 1, False, 0.3)
     assert case.dim == 8
+
+
+def test_empty_batch():
+    """B = 0: empty outputs and gradients, zero dalpha / dbeta (no tasks to split keys over)."""
+    q = torch.randn(0, 2, 70, 8)
+    k = v = torch.randn(0, 1, 70, 8)
+    f = list(ek.features.default_features(0, 70))
+    alpha, beta = torch.ones(2), torch.tensor(1.0)
+    lengths = torch.zeros(0, dtype=torch.int32)
+    out, lse = cpu_backend._C.forward(q, k, v, f, f, alpha, beta, lengths, lengths, 1, False, 0.3)
+    grads = cpu_backend._C.backward(out, q, k, v, out, lse, f, f, alpha, beta, lengths, lengths, 1, False, 0.3)
+    assert out.shape == q.shape and lse.shape == (0, 2, 70)
+    assert [tuple(g.shape) for g in grads[:3]] == [tuple(q.shape), tuple(k.shape), tuple(v.shape)]
+    assert torch.equal(grads[9], torch.zeros(2)) and torch.equal(grads[10], torch.tensor(0.0))

@@ -3,8 +3,8 @@
 // One pass over key blocks recomputes P = exp(S - lse) tile by tile (as FlashAttention-2
 // does) and forms all three matrix gradients from the same dS: per (batch, kv head, key
 // chunk) task, each key block walks the group's query tiles and accumulates
-//   dV += P^T dO and dK~ += dS^T Q~ in tile registers (the block is the task's own), and
-//   dQ~ += dS K~ into the chunk's own [Tq, D] slice of a partial buffer;
+//   dV += P^T dO and dK~ += dS^T Q~ in the task's own block buffers, and
+//   dQ~ += dS K~ (unscaled) into the chunk's own [Tq, D] slice of a partial buffer;
 // five tile products per (query tile, key tile), where separate query and key passes need
 // seven (S and dP twice). Key-side partials (radius, log-theta, pitch) are finished per key
 // block; a last pass over query rows sums the dQ~ slices and the per-row bias pieces over
@@ -13,14 +13,16 @@
 // Chunks, not one task per (batch, kv head), keep enough tasks for the threads when B x Hk
 // is small; their number depends only on the shapes (never on the thread count), and every
 // partial lands in its own slot and is summed in a fixed order, so the result is bitwise the
-// same for any number of threads. bfloat16/float16 inputs first take a query-tile pass that
-// computes the row deltas exactly (see kExactDelta).
+// same for any number of threads (the chunk count does depend on B, like the tile sums of
+// any batched kernel). bfloat16/float16 inputs first take a query-tile pass that computes
+// the row deltas exactly (see kExactDelta).
 //
 // Each thread keeps its current (batch, kv head)'s rotated keys and queries prepared once
 // (consecutive tasks share them); the caches are pure functions of (b, kv head), so which
 // thread fills them never changes a bit. Extra memory: per thread keys 3 x Tk x D and
-// queries 2 x (H / Hk) x Tq x D; the dQ~ slices chunks x B x H x Tq x D with at most
-// kMinTasks / (B x Hk) chunks (O(T), never [Tq, Tk]).
+// queries 2 x (H / Hk) x Tq x D; the chunk slices, chunks x B x H x (Tq + 4) x (D + 3) in
+// the stat dtype, with ceil(kMinTasks / (B x Hk)) chunks at most and as many as fit in
+// kChunkBytes (at least one): O(T), never [Tq, Tk].
 #include "vrope_common.h"
 
 #include <type_traits>
@@ -28,19 +30,25 @@
 namespace vrope {
 namespace {
 
-// Enough tasks for the threads of a large CPU when B x Hk is small.
+// Enough tasks for the threads of a large CPU when B x Hk is small...
 constexpr int64_t kMinTasks = 32;
+// ...as long as the chunk slices stay within this many bytes (a long sequence with few
+// heads trades parallelism for memory).
+constexpr int64_t kChunkBytes = int64_t(256) << 20;
 
 // Key blocks [first(c), first(c + 1)) form chunk c.
 struct KeyChunks {
   int64_t blocks, count;
-  explicit KeyChunks(const Shape& s)
-      : blocks(ceil_div(s.Tk, kBlockK)),
-        count(std::clamp<int64_t>(ceil_div(kMinTasks, s.B * s.Hk), 1, std::max<int64_t>(blocks, 1))) {}
+  KeyChunks(const Shape& s, int64_t stat_bytes) : blocks(ceil_div(s.Tk, kBlockK)) {
+    const int64_t tasks = std::max<int64_t>(s.B * s.Hk, 1);
+    const int64_t slice_bytes = std::max<int64_t>(s.B * s.H * (s.Tq + kRows) * (s.Dp + 3) * stat_bytes, 1);
+    const int64_t most = std::max<int64_t>(std::min(blocks, kChunkBytes / slice_bytes), 1);
+    count = std::clamp<int64_t>(ceil_div(kMinTasks, tasks), 1, most);
+  }
   int64_t first(int64_t c) const { return c * blocks / count; }
 };
 
-// Query-side sums of one key chunk: dQ~ rows (times the softmax scale, rotated layout)
+// Query-side sums of one key chunk: dQ~ rows (dS K~, rotated layout, before the softmax scale)
 // [chunks, B, H, Tq + kRows, Dp] (kRows spare rows take the padded rows of a register
 // tile) and the per-row bias pieces [chunks, B, H, Tq]; zero where a chunk adds nothing.
 template <typename acc_t>
@@ -92,7 +100,7 @@ template <typename scalar_t, typename acc_t>
 class BackwardTask {
  public:
   BackwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, const scalar_t* dout,
-               const acc_t* lse, acc_t* delta)
+               const acc_t* lse, const acc_t* delta)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), dout_(dout), lse_(lse), delta_(delta),
         n_kb_(ceil_div(s_.Tk, kBlockK)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
         e_(kBlockQ * kBlockK, acc_t(0)), dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
@@ -149,9 +157,9 @@ class BackwardTask {
   // P_ij dP_ij over all key tiles in the stat dtype (two extra tile products).
   static constexpr bool kExactDelta = !std::is_same<scalar_t, acc_t>::value;
 
-  // Delta pass, task = (b, h, query block): exact row deltas into delta_. Its task objects
-  // must not serve the main pass (their query caches hold the inexact deltas).
-  void run_deltas(int64_t task) {
+  // Delta pass, task = (b, h, query block): exact row deltas into `exact` (the main pass
+  // reads them as its delta; this pass's query caches read the inexact ones, unused).
+  void run_deltas(int64_t task, acc_t* exact) {
     const int64_t n_qb = ceil_div(s_.Tq, kBlockQ);
     const int64_t qb = task % n_qb, h = (task / n_qb) % s_.H, b = task / (n_qb * s_.H), i0 = qb * kBlockQ;
     const int64_t hk = h / s_.G, lq = in_.lq[b], lk = in_.lk[b];
@@ -179,7 +187,7 @@ class BackwardTask {
       }
     }
     const int64_t base = (b * s_.H + h) * s_.Tq + i0;
-    for (int64_t r = 0; r < nq; ++r) delta_[base + r] = delta_tile_[r];
+    for (int64_t r = 0; r < nq; ++r) exact[base + r] = delta_tile_[r];
   }
 
  private:
@@ -377,7 +385,7 @@ class BackwardTask {
   const Side<acc_t>& sk_;
   const scalar_t* dout_;
   const acc_t* lse_;
-  acc_t* delta_;
+  const acc_t* delta_;
   const int64_t n_kb_;
   // Tile work buffers.
   std::vector<acc_t> p_, ds_, e_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
@@ -449,23 +457,27 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     using acc_t = at::opmath_type<scalar_t>;
     const Side<acc_t> sq = make_side<acc_t>(in.fq, s.B, s.Tq, s.D);
     const Side<acc_t> sk = make_side<acc_t>(in.fk, s.B, s.Tk, s.D);
-    const at::Tensor delta = row_deltas<scalar_t, acc_t>(dout, out, in.stat);
+    at::Tensor delta = row_deltas<scalar_t, acc_t>(dout, out, in.stat);
     const scalar_t* dout_ptr = dout.data_ptr<scalar_t>();
     const acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    acc_t* delta_ptr = delta.data_ptr<acc_t>();
     Partials<acc_t> qpart{new_output({kQKinds, s.B, s.H, s.Tq}, stat_opts, in.poison), s.B * s.H * s.Tq};
     Partials<acc_t> kpart{new_output({kKKinds, s.B, s.Hk, s.Tk}, stat_opts, in.poison), s.B * s.Hk * s.Tk};
 
     using Task = BackwardTask<scalar_t, acc_t>;
     const int64_t query_tasks = s.B * s.H * ceil_div(s.Tq, kBlockQ);
     if (Task::kExactDelta) {
+      // Rows the pass skips (no allowed key) keep their finite, unused <dout, out>.
+      at::Tensor exact = delta.clone();
+      acc_t* exact_ptr = exact.data_ptr<acc_t>();
       at::parallel_for(0, query_tasks, 1, [&](int64_t lo, int64_t hi) {
-        Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
-        for (int64_t t = lo; t < hi; ++t) task.run_deltas(t);
+        Task task(in, sq, sk, dout_ptr, lse_ptr, delta.data_ptr<acc_t>());
+        for (int64_t t = lo; t < hi; ++t) task.run_deltas(t, exact_ptr);
       });
+      delta = exact;
     }
+    const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
-    const KeyChunks chunks(s);
+    const KeyChunks chunks(s, static_cast<int64_t>(sizeof(acc_t)));
     ChunkSums<acc_t> sums{at::zeros({chunks.count, s.B, s.H, s.Tq + kRows, s.Dp}, stat_opts),
                           std::vector<BiasRowGrads<acc_t>>(chunks.count * s.B * s.H * s.Tq), s.Tq + kRows, s.Dp};
     scalar_t* dk_ptr = dk.data_ptr<scalar_t>();

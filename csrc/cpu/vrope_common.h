@@ -238,7 +238,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
   gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
 }
 
-// C[M, N] (+)= At^T * B with At row-major [K, M] (leading dimension ld_at): the keys pass's
+// C[M, N] (+)= At^T * B with At row-major [K, M] (leading dimension ld_at): the backward's
 // P^T dO and dS^T Q straight from the [queries, keys] tiles.
 template <typename T>
 void gemm_at(int64_t M, int64_t N, int64_t K, const T* At, int64_t ld_at, const T* B, int64_t ldb, T* C,
