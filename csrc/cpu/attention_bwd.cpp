@@ -138,10 +138,7 @@ class BackwardTask {
       for (int64_t ch = 0; ch < n_chunks; ++ch) {
         const acc_t* src = sums.dq(ch, b, h, i, s_);
         for (int64_t d = 0; d < s_.Dp; ++d) g[d] += src[d];
-        const BiasRowGrads<acc_t>& piece = *sums.row_bias(ch, b, h, i, s_);
-        bg.w += piece.w;
-        bg.w_dist += piece.w_dist;
-        bg.w_sign += piece.w_sign;
+        bg += *sums.row_bias(ch, b, h, i, s_);
       }
       unrotate_row(g, scale, in_.q.data_ptr<scalar_t>() + slot * s_.D, sq_.cos + sq_.pair(b, i),
                    sq_.sin + sq_.pair(b, i), sq_.phi + sq_.pair(b, i), sq_.radius[t], s_.P, dq_all + slot * s_.D,
@@ -174,16 +171,10 @@ class BackwardTask {
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0), N = round_up(nk, kPad);
       const KeyTile<acc_t> kt = key_tile(j0);
-      gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
-      gemm<acc_t>(M, N, s_.Dp, qr.dout, s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);
+      score_tiles(M, N, qr, kt);
       for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = i0 + r;
-        acc_t* prow = p_.data() + r * kBlockK;
-        const BiasRow<acc_t> br = bias_row(b, h, i);
-        if (br.active() && kt.any_voiced) add_bias_row(br, kt.pitch, kt.voiced, N, prow, static_cast<acc_t*>(nullptr));
-        mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
-        exp_row(prow, N, qr.lse[r]);
-        delta_tile_[r] += dot_row(prow, ds_.data() + r * kBlockK, N);
+        probs_row(bias_row(b, h, i0 + r), i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk, nullptr);
+        delta_tile_[r] += dot_row(p_.data() + r * kBlockK, ds_.data() + r * kBlockK, N);
       }
     }
     const int64_t base = (b * s_.H + h) * s_.Tq + i0;
@@ -339,34 +330,41 @@ class BackwardTask {
     }
   }
 
+  // Score tiles of M query rows against key tile kt (N keys): S = Q~ K~^T into p_ and
+  // dP = dO V^T into ds_.
+  void score_tiles(int64_t M, int64_t N, const QueryRows<acc_t>& qr, const KeyTile<acc_t>& kt) {
+    gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
+    gemm<acc_t>(M, N, s_.Dp, qr.dout, s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);
+  }
+
+  // Row r of p_ (query i, bias row br, against keys [j0, j0 + nk)) from scores to
+  // probabilities: pitch bias (its exp factors into erow when not null), mask, exp(s - lse).
+  // Returns whether the row carries a bias (with no voiced key in the tile the bias and its
+  // gradients are 0).
+  bool probs_row(const BiasRow<acc_t>& br, int64_t i, int64_t r, int64_t j0, int64_t nk, int64_t N,
+                 const KeyTile<acc_t>& kt, acc_t lse, int64_t lq, int64_t lk, acc_t* erow) {
+    acc_t* prow = p_.data() + r * kBlockK;
+    const bool biased = br.active() && kt.any_voiced;
+    if (biased) add_bias_row(br, kt.pitch, kt.voiced, N, prow, erow);
+    mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
+    exp_row(prow, N, lse);
+    return biased;
+  }
+
   // Recomputes P (p_) and dS = P (dP - delta) (ds_) of query rows [i0, i0 + nq) against
-  // keys [j0, j0 + nk); rows nq..M-1 become 0. Bias gradient pieces go to `col` (per key)
-  // and/or `rows` (per query row).
+  // keys [j0, j0 + nk); rows nq..M-1 become 0. Bias gradient pieces are added to `col`
+  // (per key) and `rows` (per query row).
   void probs_and_grads(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t M, const QueryRows<acc_t>& qr,
                        int64_t j0, int64_t nk, int64_t N, const KeyTile<acc_t>& kt, int64_t lq, int64_t lk,
                        acc_t* col, BiasRowGrads<acc_t>* rows) {
-    gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
-    gemm<acc_t>(M, N, s_.Dp, qr.dout, s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);
+    score_tiles(M, N, qr, kt);
     for (int64_t r = 0; r < nq; ++r) {
-      const int64_t i = i0 + r;
-      acc_t* prow = p_.data() + r * kBlockK;
       acc_t* dsrow = ds_.data() + r * kBlockK;
       acc_t* erow = e_.data() + r * kBlockK;
-      const BiasRow<acc_t> br = bias_row(b, h, i);
-      // With no voiced key in the tile the bias and its gradients are exactly 0 there.
-      const bool biased = br.active() && kt.any_voiced;
-      if (biased) add_bias_row(br, kt.pitch, kt.voiced, N, prow, erow);
-      mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
-      exp_row(prow, N, qr.lse[r]);
-      softmax_grad_row(prow, dsrow, N, qr.delta[r]);
-      if (biased) {
-        const BiasRowGrads<acc_t> g = bias_row_grads(br, dsrow, erow, kt.pitch, kt.voiced, N, col);
-        if (rows != nullptr) {
-          rows[r].w += g.w;
-          rows[r].w_dist += g.w_dist;
-          rows[r].w_sign += g.w_sign;
-        }
-      }
+      const BiasRow<acc_t> br = bias_row(b, h, i0 + r);
+      const bool biased = probs_row(br, i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk, erow);
+      softmax_grad_row(p_.data() + r * kBlockK, dsrow, N, qr.delta[r]);
+      if (biased) rows[r] += bias_row_grads(br, dsrow, erow, kt.pitch, kt.voiced, N, col);
     }
     std::fill(p_.begin() + nq * kBlockK, p_.begin() + M * kBlockK, acc_t(0));
     std::fill(ds_.begin() + nq * kBlockK, ds_.begin() + M * kBlockK, acc_t(0));

@@ -336,6 +336,12 @@ void add_bias_row(const BiasRow<T>& br, const T* pk, const T* vk, int64_t n, T* 
 template <typename T>
 struct BiasRowGrads {
   T w = 0, w_dist = 0, w_sign = 0;
+  BiasRowGrads& operator+=(const BiasRowGrads& o) {
+    w += o.w;
+    w_dist += o.w_dist;
+    w_sign += o.w_sign;
+    return *this;
+  }
 };
 
 // col (optional) accumulates w * sign per key (the key-side pitch gradient).
