@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from echo.model import Dropout, Echo, EchoConfig, _heads, dense_attention_weights
+from echo.model import Dropout, Echo, EchoConfig, _heads, conv_over_time, dense_attention_weights
 
 TINY = {"d_model": 32, "n_heads": 4, "enc_layers": 2, "dec_layers": 2, "ffn_dim": 64, "dropout": 0.0, "backend": "chunked"}
 
@@ -87,6 +87,22 @@ def test_padding_does_not_change_outputs(pitch, subsample):
             torch.testing.assert_close(e1.states[0], enc.states[i, : e1.states.shape[1]], atol=1e-5, rtol=1e-4)
             l1, _ = m.decode(tok[i:i + 1, :lu], tl[i:i + 1] - 1, e1, tf0[i:i + 1, :lu])
             torch.testing.assert_close(l1[0], logits[i, :lu], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups, kernel, stride", [(6, 5, 1), (1, 3, 2), (3, 15, 1)])
+def test_conv_over_time_matches_conv1d_values_and_gradients(groups, kernel, stride):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, kernel, stride=stride, padding=kernel // 2, groups=groups).double()
+    x = torch.randn(3, 23, 6, dtype=torch.float64, requires_grad=True)
+    out = conv_over_time(conv, x)
+    ref = conv(x.transpose(1, 2)).transpose(1, 2)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_encoder_convolution_starts_as_the_plain_mlp_and_ignores_padding():
