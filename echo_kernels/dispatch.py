@@ -9,11 +9,12 @@ serves everything, so ``"auto"`` never fails and never picks a wrong answer.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import NamedTuple
 
 from torch import Tensor
+
+from . import chunked, cpu, cuda
+from . import triton as triton_backend
 
 BACKENDS = ("reference", "chunked", "triton", "cuda", "cpu")
 FUSED = ("chunked", "triton", "cuda", "cpu")
@@ -28,12 +29,15 @@ class BackendInfo(NamedTuple):
     reason: str
 
 
+# Imported with the package, not on first use: torch.compile (fullgraph) cannot trace an
+# import, and a first call inside a compiled function would be one. The wrappers are light:
+# triton itself and the kernels load on first launch (all four import in ~0.15 s).
+_MODULES = {"chunked": chunked, "cpu": cpu, "cuda": cuda, "triton": triton_backend}
+
+
 def backend_module(name: str):
     """The module implementing fused backend ``name``."""
-    full_name = f"echo_kernels.{name}"
-    # sys.modules first: torch.compile (fullgraph) refuses to trace importlib calls.
-    module = sys.modules.get(full_name)
-    return module if module is not None else importlib.import_module(full_name)
+    return _MODULES[name]
 
 
 def unavailable_reason(name: str) -> str | None:

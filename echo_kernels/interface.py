@@ -104,7 +104,9 @@ def _resolve_beta(beta, dtype, device) -> Tensor:
         return beta.to(device=device, dtype=dtype)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a positive float or a 0-d tensor, got {type(beta).__name__}")
-    if not (math.isfinite(beta) and beta > 0):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be symbolic
+    # (as is the scale check in rope_attention).
+    if not 0 < beta < math.inf:
         raise ValueError(f"beta must be a positive finite float, got {beta}")
     return torch.tensor(float(beta), dtype=dtype, device=device)
 
@@ -162,7 +164,7 @@ def rope_attention(
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf:
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
 
     ql = _resolve_lengths(q_lengths, batch, tq, "q_lengths", device)

@@ -16,8 +16,6 @@ them without graph breaks) and one autograd formula for all.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
@@ -44,7 +42,9 @@ _NUM_INPUTS = 20
 
 
 def _module(name: str):
-    return importlib.import_module(f"echo_kernels.{name}")
+    from .dispatch import backend_module
+
+    return backend_module(name)
 
 
 def _unpack(args):
