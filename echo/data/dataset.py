@@ -154,12 +154,15 @@ class SpeechDataset(Dataset):
         cache_dir: folder for cached features (None: compute every time).
         config: feature settings.
         max_duration: drop utterances longer than this many seconds (None: keep all).
+        keep_in_memory: keep every example this process has loaded, so each file is read once
+            per process, not once per epoch (a 4000-utterance corpus takes ~0.5 GB; with
+            DataLoader workers each worker keeps its own, for as long as it lives).
     """
 
     def __init__(self, manifest: str | Path | Sequence[dict],
                  tokenizer: CharTokenizer | None = None, cache_dir: str | Path | None = None,
                  config: FeatureConfig = DEFAULT_CONFIG,
-                 max_duration: float | None = None) -> None:
+                 max_duration: float | None = None, keep_in_memory: bool = False) -> None:
         records = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
         if max_duration is not None:
             records = [r for r in records if r["duration"] <= max_duration]
@@ -167,11 +170,19 @@ class SpeechDataset(Dataset):
         self.tokenizer = tokenizer or CharTokenizer()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.config = config
+        self._memory: dict[int, Example] | None = {} if keep_in_memory else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> Example:
+        if self._memory is not None:
+            if i not in self._memory:
+                self._memory[i] = self._load(i)
+            return self._memory[i]
+        return self._load(i)
+
+    def _load(self, i: int) -> Example:
         rec = self.records[i]
         mel, f0 = load_features(rec["audio"], self.config, self.cache_dir)
         text = normalize_text(rec["text"])

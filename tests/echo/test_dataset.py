@@ -109,6 +109,24 @@ def test_cache_hit_corrupt_and_stale(corpus, count_computes) -> None:
     assert len(count_computes) == 5
 
 
+def test_keep_in_memory_reads_each_file_once(corpus, count_computes, monkeypatch) -> None:
+    root, recs = corpus
+    plain = SpeechDataset(root / "m.jsonl", cache_dir=root / "cache")
+    kept = SpeechDataset(root / "m.jsonl", cache_dir=root / "cache", keep_in_memory=True)
+    loads = []
+    real = ds.load_features
+    monkeypatch.setattr(ds, "load_features", lambda *a, **k: loads.append(1) or real(*a, **k))
+    first = [kept[i] for i in range(len(recs))]
+    assert len(loads) == len(recs)
+    for epoch in range(2):
+        for i in reversed(range(len(recs))):
+            again, fresh = kept[i], plain[i]
+            for field in ("mel", "f0", "tokens", "token_f0"):
+                assert torch.equal(getattr(again, field), getattr(fresh, field)), field
+            assert again.text == fresh.text and again is first[i]
+    assert len(loads) == len(recs) + 2 * len(recs)  # the kept dataset read nothing more; the plain one every time
+
+
 def test_cache_entry_with_wrong_shapes_is_rebuilt(corpus, count_computes) -> None:
     root, _ = corpus
     cache = root / "cache"
