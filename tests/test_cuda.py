@@ -204,8 +204,11 @@ def test_backward_is_bitwise_deterministic(dim):
 
 
 @KERNELS
-def test_every_buffer_is_written():
+@pytest.mark.parametrize("kernels", ["wmma", "mma"])
+def test_every_buffer_is_written(kernels, monkeypatch):
     """Every buffer starts as NaN (tests/conftest.py poisons); nothing may be left NaN (padding, empty rows, tiles)."""
+    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", kernels)
+    monkeypatch.setenv("ECHO_KERNELS_CUDA_BACKWARD", kernels)
     case = Case(dim=128, tq=70, tk=65, heads=2, kv_heads=1, empty_row=True, seed=34)
     inputs = make_case(case, F16, "cuda")
     q, k, v = (inputs[n].to("cuda", F16) for n in ("q", "k", "v"))

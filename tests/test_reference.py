@@ -161,35 +161,54 @@ def _padding_case(device: str, dtype: torch.dtype):
     return clean, poisoned, ql.to(device), kl.to(device), f0.to(device)
 
 
+LEARNED = ("log_theta", "radius", "pitch")  # the features that receive a gradient
+
+
+def _learnable(features):
+    return ek.PitchFeatures(*(x.detach().clone().requires_grad_(name in LEARNED)
+                              for name, x in zip(features._fields, features)))
+
+
 def _padding_run(backend, tensors, ql, kl, f0):
+    """out, then the gradients of q, k, v and of the learned features of both sides."""
     q, k, v, dout = (x.clone().requires_grad_(x is not tensors[3]) for x in tensors)
-    fq = ek.pitch_features(f0, lengths=ql)
-    fk = ek.pitch_features(f0, lengths=kl)
+    fq = _learnable(ek.pitch_features(f0, lengths=ql))
+    fk = _learnable(ek.pitch_features(f0, lengths=kl))
     out = ek.rope_attention(q, k, v, features=fq, features_k=fk, bias="exp", causal=True, q_lengths=ql,
                             k_lengths=kl, backend=backend)
     out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
+    features = [getattr(side, name).grad for side in (fq, fk) for name in LEARNED]
+    return (out.detach(), q.grad, k.grad, v.grad, *features)
 
 
 PADDING_BACKENDS = [
-    pytest.param(name, device, dtype, id=f"{name}-{device}")
-    for name, device, dtype in [("reference", "cpu", torch.float32), ("chunked", "cpu", torch.float32),
-                                ("cpu", "cpu", torch.float32), ("triton", "cpu", torch.float32),
-                                ("triton", "cuda", torch.bfloat16), ("cuda", "cuda", torch.bfloat16)]
+    pytest.param(name, device, dtype, kernels, id=f"{name}-{device}" + (f"-{kernels}" if kernels else ""))
+    for name, device, dtype, kernels in [
+        ("reference", "cpu", torch.float32, None), ("chunked", "cpu", torch.float32, None),
+        ("cpu", "cpu", torch.float32, None), ("triton", "cpu", torch.float32, None),
+        ("triton", "cuda", torch.bfloat16, None), ("cuda", "cuda", torch.bfloat16, "wmma"),
+        ("cuda", "cuda", torch.bfloat16, "mma"),
+    ]
 ]
 
 
-@pytest.mark.parametrize("backend, device, dtype", PADDING_BACKENDS)
-def test_nan_in_padding_changes_nothing(backend, device, dtype):
-    """The contract ignores tokens past the lengths: NaN there (torch.empty padding) must not reach any result."""
+@pytest.mark.parametrize("backend, device, dtype, kernels", PADDING_BACKENDS)
+def test_nan_in_padding_changes_nothing(backend, device, dtype, kernels, monkeypatch):
+    """The contract ignores tokens past the lengths: NaN there (torch.empty padding) must not reach any
+    result, the feature gradients included. ``kernels``: the CUDA backend's kernel generation."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    if kernels is not None:
+        monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", kernels)
+        monkeypatch.setenv("ECHO_KERNELS_CUDA_BACKWARD", kernels)
     reason = ek.backends()[backend].reason if not ek.backends()[backend].available else None
     if reason is not None:
         pytest.skip(reason)
     clean, poisoned, ql, kl, f0 = _padding_case(device, dtype)
     want = _padding_run(backend, clean, ql, kl, f0)
     got = _padding_run(backend, poisoned, ql, kl, f0)
-    for name, w, g in zip(("out", "dq", "dk", "dv"), want, got):
+    names = ("out", "dq", "dk", "dv", *(f"d{name}_{side}" for side in "qk" for name in LEARNED))
+    assert len(names) == len(want) == len(got)
+    for name, w, g in zip(names, want, got):
         assert torch.isfinite(g).all(), name
         assert torch.equal(w, g), name

@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     const int row = warp * kWarpRows + r;
     const int t = k0 + row;
     if (t >= p.tk) break;
-    const FeatureGrad fg = warp_unrotate_row<T, D>(dk_rows + row * H::kAccLd, p.scale, k + int64_t(t) * D,
+    const FeatureGrad fg = warp_unrotate_row<T, D>(dk_rows + row * H::kAccLd, p.scale, k + int64_t(t) * D, t >= lk,
                                                    p.fk.pos[k_feat + t], p.fk.log_theta[k_feat + t],
                                                    p.fk.radius[k_feat + t], dk + int64_t(t) * D);
     if (lane == 0) {
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
     const int row = warp * kWarpRows + r;
     const int t = q0 + row;
     if (t >= p.tq) break;
-    const FeatureGrad fg = warp_unrotate_row<T, D>(dq_rows + row * H::kAccLd, p.scale, q + int64_t(t) * D,
+    const FeatureGrad fg = warp_unrotate_row<T, D>(dq_rows + row * H::kAccLd, p.scale, q + int64_t(t) * D, t >= lq,
                                                    p.fq.pos[q_feat + t], p.fq.log_theta[q_feat + t],
                                                    p.fq.radius[q_feat + t], dq + int64_t(t) * D);
     if (lane == 0) {

@@ -183,10 +183,11 @@ __device__ __forceinline__ void dkdv_tile(S& s, Dp& dp, const Coords& coords, Ke
 // Epilogue of both kernels: the float32 split-layout gradient of the rotated tokens (rows x
 // columns view) goes to shared memory over the tiles (after a barrier: every warp is done with
 // them), then each warp unrotates whole rows into dx and the tokens' log-theta / radius partials.
-// x, dx: this (batch, head)'s [T][D] rows; features: this batch entry's [T]; parts: [T] slots.
+// x, dx: this (batch, head)'s [T][D] rows; features: this batch entry's [T]; parts: [T] slots. Rows up to
+// length (T) are written; x is read only below valid (the batch entry's length: padding may hold NaN).
 template <typename T, int D, int kTileRows, typename Acc, typename Coords>
 __device__ __forceinline__ void unrotate_gradient_tile(const Acc& acc, const Coords& coords, float* tile, int ld, int t0,
-                                                       int length, float scale, const T* x, const float* pos,
+                                                       int length, int valid, float scale, const T* x, const float* pos,
                                                        const float* log_theta, const float* radius, T* dx,
                                                        float* dlog_theta, float* dradius) {
   __syncthreads();
@@ -196,8 +197,8 @@ __device__ __forceinline__ void unrotate_gradient_tile(const Acc& acc, const Coo
   for (int row = threadIdx.x / kWarpSize; row < kTileRows; row += kWarps) {
     const int t = t0 + row;
     if (t >= length) break;
-    const FeatureGrad fg = warp_unrotate_row<T, D>(tile + row * ld, scale, x + int64_t(t) * D, pos[t], log_theta[t],
-                                                   radius[t], dx + int64_t(t) * D);
+    const FeatureGrad fg = warp_unrotate_row<T, D>(tile + row * ld, scale, x + int64_t(t) * D, t >= valid, pos[t],
+                                                   log_theta[t], radius[t], dx + int64_t(t) * D);
     if (lane == 0) {
       dlog_theta[t] = fg.log_theta;
       dradius[t] = fg.radius;
@@ -381,7 +382,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_mma_kernel(const Params p) {
   store_rows<T>(dv_rc, grad_rc, ones, dv, D, k0, p.tk);
 
   Tensor dk_rc = rows_by_columns_view(acc_dk);
-  unrotate_gradient_tile<T, D, kKeys>(dk_rc, grad_rc, smem.dk, Cfg::kAccLd, k0, p.tk, p.scale,
+  unrotate_gradient_tile<T, D, kKeys>(dk_rc, grad_rc, smem.dk, Cfg::kAccLd, k0, p.tk, lk, p.scale,
                                       static_cast<const T*>(p.k) + k_head, p.fk.pos + k_feat, p.fk.log_theta + k_feat,
                                       p.fk.radius + k_feat, static_cast<T*>(p.dk) + k_head, p.dlog_theta_k + key_base,
                                       p.dradius_k + key_base);
@@ -555,7 +556,7 @@ __global__ void __launch_bounds__(kThreads) dq_mma_kernel(const Params p) {
   }
 
   Tensor dq_rc = rows_by_columns_view(acc_dq);
-  unrotate_gradient_tile<T, D, kRows>(dq_rc, grad_rc, smem.dq, Cfg::kAccLd, q0, p.tq, p.scale,
+  unrotate_gradient_tile<T, D, kRows>(dq_rc, grad_rc, smem.dq, Cfg::kAccLd, q0, p.tq, lq, p.scale,
                                       static_cast<const T*>(p.q) + q_head, p.fq.pos + q_feat, p.fq.log_theta + q_feat,
                                       p.fq.radius + q_feat, static_cast<T*>(p.dq) + q_head, p.dlog_theta_q + row_base,
                                       p.dradius_q + row_base);

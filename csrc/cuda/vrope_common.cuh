@@ -240,8 +240,10 @@ __device__ __forceinline__ float exp_bias_weight(const BiasArgs& b, float dist, 
 
 // The log2-domain logit of one allowed pair: score * scale * log2(e) + bias * log2(e), the
 // bias being alpha e^{-beta |dp|} v v' (exp) or -alpha beta |dp| v v' (l1). The forward and
-// both backward kernels call this one function, so the backward's recomputed
-// P = exp2(logit - lse2) uses bit for bit the logits the forward normalised.
+// both backward kernels call this one function, so the bias and the scaling agree bit for bit;
+// the score itself need not (the mma dK/dV kernel sums k~ . q~ in another order than the
+// forward's q~ . k~), so the recomputed P = exp2(logit - lse2) may differ from the forward's by
+// a few ulps, which the golden tolerance covers.
 __device__ __forceinline__ float logit2(float score, float qk_scale, const BiasArgs& b, float pitch_q, float voiced_q,
                                         float pitch_k, float voiced_k) {
   float x = score * qk_scale;
@@ -350,8 +352,8 @@ struct FeatureGrad {
 // dphi_m / dlog_theta = -(2m / D) phi_m. Called by a whole warp (lanes over pairs); every
 // lane returns the warp-summed feature gradients.
 template <typename T, int D>
-__device__ FeatureGrad warp_unrotate_row(const float* g, float g_scale, const T* x, float pos, float log_theta,
-                                         float radius, T* dx) {
+__device__ FeatureGrad warp_unrotate_row(const float* g, float g_scale, const T* x, bool padded, float pos,
+                                         float log_theta, float radius, T* dx) {
   using E = Element<T>;
   constexpr int P = HeadDim<D>::kPairs;
   const int lane = threadIdx.x % kWarpSize;
@@ -360,7 +362,9 @@ __device__ FeatureGrad warp_unrotate_row(const float* g, float g_scale, const T*
   for (int m = lane; m < P; m += kWarpSize) {
     const float ge = g_scale * g[m];
     const float go = g_scale * g[P + m];
-    const float2 xm = E::to_float2(reinterpret_cast<const typename E::Pair*>(x)[m]);
+    // A padded token's row may hold NaN (torch.empty padding): never read it. Its gradient
+    // row is 0, so with x taken as 0 every output here is exactly 0, as for finite padding.
+    const float2 xm = padded ? make_float2(0.0f, 0.0f) : E::to_float2(reinterpret_cast<const typename E::Pair*>(x)[m]);
     const PairRotation rot = pair_rotation<D>(pos, log_theta, m);
     const float unit_even = xm.x * rot.cos - xm.y * rot.sin;
     const float unit_odd = xm.x * rot.sin + xm.y * rot.cos;
