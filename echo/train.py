@@ -47,8 +47,9 @@ class DataConfig:
     """Where the data comes from. ``synthetic``: a generated toy task (tests, smoke runs) instead of
     the corpus; ``synthetic_size`` utterances for train (dev/test get a quarter each).
     ``tokenizer``: ``"char"`` or ``"bpe"`` (word pieces learned from the training transcripts,
-    ``model.vocab_size`` ids). ``keep_in_memory``: hold the loaded utterances in memory (read
-    from the feature cache once, not once per epoch: loading was 12% of a tiny training step)."""
+    ``model.vocab_size`` ids). ``keep_in_memory``: hold the loaded utterances in memory, read
+    from the feature cache once per process instead of once per epoch (each DDP rank holds what
+    it has seen, eventually the whole training set; needs ``train.num_workers = 0``)."""
 
     corpus: str = "data/corpus"
     train: str = "train.jsonl"
@@ -122,6 +123,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.keep_in_memory and self.train.num_workers > 0:
+            # The loader is rebuilt every epoch: each epoch's workers would fill a cache and exit.
+            raise ValueError("data.keep_in_memory needs train.num_workers = 0 (DataLoader workers are "
+                             "restarted every epoch, so each would reload and hold its own copy)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (stored in checkpoints)."""

@@ -29,9 +29,10 @@ class BackendInfo(NamedTuple):
     reason: str
 
 
-# Imported with the package, not on first use: torch.compile (fullgraph) cannot trace an
-# import, and a first call inside a compiled function would be one. The wrappers are light:
-# triton itself and the kernels load on first launch (all four import in ~0.15 s).
+# Imported with the package, not on first use: torch.compile (fullgraph) cannot trace
+# importlib.import_module, which a first call inside a compiled function would make. Importing
+# them loads the compiled extensions (a failure becomes an unavailable_reason) but not triton,
+# which loads on first use: all four import in ~0.15 s.
 _MODULES = {"chunked": chunked, "cpu": cpu, "cuda": cuda, "triton": triton_backend}
 
 

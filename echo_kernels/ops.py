@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dispatch import backend_module
 from .features import PitchFeatures
 
 FEATURES = ("pos", "log_theta", "radius", "pitch", "voiced")
@@ -41,12 +42,6 @@ _DIFFERENTIABLE = {
 _NUM_INPUTS = 20
 
 
-def _module(name: str):
-    from .dispatch import backend_module
-
-    return backend_module(name)
-
-
 def _unpack(args):
     q, k, v = args[0:3]
     fq = PitchFeatures(*args[3:8])
@@ -57,11 +52,11 @@ def _unpack(args):
 
 def _register(name: str):
     def fwd_impl(*args):
-        return _module(name).forward(*_unpack(args))
+        return backend_module(name).forward(*_unpack(args))
 
     def bwd_impl(dout, out, lse, *args):
         q, k, v, fq, fk, alpha, beta, bias, causal, ql, kl, scale = _unpack(args)
-        grads = _module(name).backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, ql, kl, scale)
+        grads = backend_module(name).backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, ql, kl, scale)
         return tuple(g.contiguous() for g in grads)
 
     fwd = torch.library.custom_op(f"echo_kernels::{name}_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)

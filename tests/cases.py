@@ -15,6 +15,7 @@ import torch
 
 import echo_kernels as ek
 
+LEARNED_FEATURES = ("log_theta", "radius", "pitch")  # the per-token features that get a gradient
 GRAD_NAMES = (
     "q", "k", "v", "log_theta_q", "radius_q", "pitch_q", "log_theta_k", "radius_k", "pitch_k", "alpha", "beta",
 )
@@ -88,8 +89,8 @@ def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None
     fq = ek.pitch_features(inputs["f0q"].to(device), lengths=ql, **mode)
     fk = ek.pitch_features(inputs["f0k"].to(device), lengths=kl, **mode)
     fq, fk = (f._replace(pitch=f.pitch * case.pitch_scale) for f in (fq, fk))
-    fq = fq._replace(**{n: getattr(fq, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})
-    fk = fk._replace(**{n: getattr(fk, n).detach().requires_grad_(grads) for n in ("log_theta", "radius", "pitch")})
+    fq = fq._replace(**{n: getattr(fq, n).detach().requires_grad_(grads) for n in LEARNED_FEATURES})
+    fk = fk._replace(**{n: getattr(fk, n).detach().requires_grad_(grads) for n in LEARNED_FEATURES})
     alpha, beta = leaf(inputs["alpha"], stat), leaf(inputs["beta"], stat)
     out = ek.rope_attention(
         q, k, v, features=fq, features_k=fk, bias=case.bias, alpha=alpha, beta=beta, causal=case.causal,

@@ -11,11 +11,14 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
-    import sys
     import torch
+    import torch._dynamo
     import echo_kernels as ek
 
+    torch._dynamo.config.error_on_recompile = True  # the second length must reuse the dynamic graph
+
     def check(backend, with_layer):
+        torch._dynamo.reset()  # each backend compiles afresh; within one, no recompilation is allowed
         torch.manual_seed(0)
         layer = ek.RopeAttention(32, 4, num_kv_heads=2, bias="exp", backend=backend).double()
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import echo_kernels as ek
-from cases import Case, assert_close_to_golden, make_case, max_err, run
+from cases import LEARNED_FEATURES, Case, assert_close_to_golden, make_case, max_err, run
 
 BACKENDS = ("reference", "chunked")
 
@@ -161,11 +161,8 @@ def _padding_case(device: str, dtype: torch.dtype):
     return clean, poisoned, ql.to(device), kl.to(device), f0.to(device)
 
 
-LEARNED = ("log_theta", "radius", "pitch")  # the features that receive a gradient
-
-
 def _learnable(features):
-    return ek.PitchFeatures(*(x.detach().clone().requires_grad_(name in LEARNED)
+    return ek.PitchFeatures(*(x.detach().clone().requires_grad_(name in LEARNED_FEATURES)
                               for name, x in zip(features._fields, features)))
 
 
@@ -177,7 +174,7 @@ def _padding_run(backend, tensors, ql, kl, f0):
     out = ek.rope_attention(q, k, v, features=fq, features_k=fk, bias="exp", causal=True, q_lengths=ql,
                             k_lengths=kl, backend=backend)
     out.backward(dout)
-    features = [getattr(side, name).grad for side in (fq, fk) for name in LEARNED]
+    features = [getattr(side, name).grad for side in (fq, fk) for name in LEARNED_FEATURES]
     return (out.detach(), q.grad, k.grad, v.grad, *features)
 
 
@@ -207,7 +204,7 @@ def test_nan_in_padding_changes_nothing(backend, device, dtype, kernels, monkeyp
     clean, poisoned, ql, kl, f0 = _padding_case(device, dtype)
     want = _padding_run(backend, clean, ql, kl, f0)
     got = _padding_run(backend, poisoned, ql, kl, f0)
-    names = ("out", "dq", "dk", "dv", *(f"d{name}_{side}" for side in "qk" for name in LEARNED))
+    names = ("out", "dq", "dk", "dv", *(f"d{name}_{side}" for side in "qk" for name in LEARNED_FEATURES))
     assert len(names) == len(want) == len(got)
     for name, w, g in zip(names, want, got):
         assert torch.isfinite(g).all(), name

@@ -357,14 +357,18 @@ __device__ FeatureGrad warp_unrotate_row(const float* g, float g_scale, const T*
   using E = Element<T>;
   constexpr int P = HeadDim<D>::kPairs;
   const int lane = threadIdx.x % kWarpSize;
+  if (padded) {
+    // A padded token passes no gradient, and its row (torch.empty padding) may hold NaN: never
+    // read it. The whole warp takes this branch (one row per warp), so no shuffle is left waiting.
+    for (int m = lane; m < P; m += kWarpSize) reinterpret_cast<typename E::Pair*>(dx)[m] = E::pair(0.0f, 0.0f);
+    return FeatureGrad{0.0f, 0.0f};
+  }
   float dradius = 0.0f;
   float dlog_theta = 0.0f;
   for (int m = lane; m < P; m += kWarpSize) {
     const float ge = g_scale * g[m];
     const float go = g_scale * g[P + m];
-    // A padded token's row may hold NaN (torch.empty padding): never read it. Its gradient
-    // row is 0, so with x taken as 0 every output here is exactly 0, as for finite padding.
-    const float2 xm = padded ? make_float2(0.0f, 0.0f) : E::to_float2(reinterpret_cast<const typename E::Pair*>(x)[m]);
+    const float2 xm = E::to_float2(reinterpret_cast<const typename E::Pair*>(x)[m]);
     const PairRotation rot = pair_rotation<D>(pos, log_theta, m);
     const float unit_even = xm.x * rot.cos - xm.y * rot.sin;
     const float unit_odd = xm.x * rot.sin + xm.y * rot.cos;

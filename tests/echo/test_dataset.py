@@ -109,7 +109,7 @@ def test_cache_hit_corrupt_and_stale(corpus, count_computes) -> None:
     assert len(count_computes) == 5
 
 
-def test_keep_in_memory_reads_each_file_once(corpus, count_computes, monkeypatch) -> None:
+def test_keep_in_memory_reads_each_file_once(corpus, monkeypatch) -> None:
     root, recs = corpus
     plain = SpeechDataset(root / "m.jsonl", cache_dir=root / "cache")
     kept = SpeechDataset(root / "m.jsonl", cache_dir=root / "cache", keep_in_memory=True)
@@ -118,7 +118,7 @@ def test_keep_in_memory_reads_each_file_once(corpus, count_computes, monkeypatch
     monkeypatch.setattr(ds, "load_features", lambda *a, **k: loads.append(1) or real(*a, **k))
     first = [kept[i] for i in range(len(recs))]
     assert len(loads) == len(recs)
-    for epoch in range(2):
+    for _ in range(2):  # two more epochs
         for i in reversed(range(len(recs))):
             again, fresh = kept[i], plain[i]
             for field in ("mel", "f0", "tokens", "token_f0"):

@@ -89,10 +89,14 @@ def test_padding_does_not_change_outputs(pitch, subsample):
             torch.testing.assert_close(l1[0], logits[i, :lu], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("groups, kernel, stride", [(6, 5, 1), (1, 3, 2), (3, 15, 1)])
-def test_conv_over_time_matches_conv1d_values_and_gradients(groups, kernel, stride):
+@pytest.mark.parametrize("groups, kernel, stride, dilation, padding, mode", [
+    (6, 5, 1, 1, 2, "zeros"), (1, 3, 2, 1, 1, "zeros"), (3, 15, 1, 1, 7, "zeros"), (6, 3, 1, 2, 2, "zeros"),
+    (6, 5, 1, 1, "same", "zeros"), (6, 5, 1, 1, 2, "reflect"),
+])
+def test_conv_over_time_matches_conv1d_values_and_gradients(groups, kernel, stride, dilation, padding, mode):
     torch.manual_seed(0)
-    conv = torch.nn.Conv1d(6, 6, kernel, stride=stride, padding=kernel // 2, groups=groups).double()
+    conv = torch.nn.Conv1d(6, 6, kernel, stride=stride, dilation=dilation, padding=padding, groups=groups,
+                           padding_mode=mode).double()
     x = torch.randn(3, 23, 6, dtype=torch.float64, requires_grad=True)
     out = conv_over_time(conv, x)
     ref = conv(x.transpose(1, 2)).transpose(1, 2)
