@@ -16,6 +16,20 @@ import torch
 import echo_kernels as ek
 
 LEARNED_FEATURES = ("log_theta", "radius", "pitch")  # the per-token features that get a gradient
+# The CUDA backend's kernel generation per pass ("wmma" default, or "mma"), read at every call.
+CUDA_KERNEL_VARIABLES = {"forward": "ECHO_KERNELS_CUDA_FORWARD", "backward": "ECHO_KERNELS_CUDA_BACKWARD"}
+
+
+def use_cuda_kernels(monkeypatch, kernels: str, passes=tuple(CUDA_KERNEL_VARIABLES)) -> None:
+    """Run ``passes`` of the cuda backend with kernel generation ``kernels`` for this test."""
+    for name in passes:
+        monkeypatch.setenv(CUDA_KERNEL_VARIABLES[name], kernels)
+
+
+def learnable(features: ek.PitchFeatures, requires_grad: bool = True) -> ek.PitchFeatures:
+    """``features`` detached, the LEARNED_FEATURES made leaves that (optionally) take a gradient."""
+    return features._replace(**{n: getattr(features, n).detach().requires_grad_(requires_grad)
+                                for n in LEARNED_FEATURES})
 GRAD_NAMES = (
     "q", "k", "v", "log_theta_q", "radius_q", "pitch_q", "log_theta_k", "radius_k", "pitch_k", "alpha", "beta",
 )
@@ -89,8 +103,7 @@ def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype | None = None
     fq = ek.pitch_features(inputs["f0q"].to(device), lengths=ql, **mode)
     fk = ek.pitch_features(inputs["f0k"].to(device), lengths=kl, **mode)
     fq, fk = (f._replace(pitch=f.pitch * case.pitch_scale) for f in (fq, fk))
-    fq = fq._replace(**{n: getattr(fq, n).detach().requires_grad_(grads) for n in LEARNED_FEATURES})
-    fk = fk._replace(**{n: getattr(fk, n).detach().requires_grad_(grads) for n in LEARNED_FEATURES})
+    fq, fk = learnable(fq, grads), learnable(fk, grads)
     alpha, beta = leaf(inputs["alpha"], stat), leaf(inputs["beta"], stat)
     out = ek.rope_attention(
         q, k, v, features=fq, features_k=fk, bias=case.bias, alpha=alpha, beta=beta, causal=case.causal,

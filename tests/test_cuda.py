@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import echo_kernels as ek
-from cases import Case, check_backend, make_case, run
+from cases import CUDA_KERNEL_VARIABLES, Case, check_backend, make_case, run, use_cuda_kernels
 from echo_kernels import cuda as cuda_backend
 from echo_kernels import dispatch
 
@@ -136,22 +136,18 @@ def test_matches_golden(case, dtype):
 
 # The opt-in CuTe kernels (csrc/cuda/vrope_*_mma.cu), one pass at a time so a failure names its kernel;
 # the other pass runs the default WMMA kernel (the backward reads the mma forward's lse and output).
-MMA_PASSES = {"forward": "ECHO_KERNELS_CUDA_FORWARD", "backward": "ECHO_KERNELS_CUDA_BACKWARD"}
-
-
 @KERNELS
-@pytest.mark.parametrize("mma_pass", list(MMA_PASSES))
+@pytest.mark.parametrize("mma_pass", list(CUDA_KERNEL_VARIABLES))
 @pytest.mark.parametrize("case, dtype", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])
 def test_mma_kernels_match_golden(case, dtype, mma_pass, monkeypatch):
-    monkeypatch.setenv(MMA_PASSES[mma_pass], "mma")
+    use_cuda_kernels(monkeypatch, "mma", passes=(mma_pass,))
     check(case, dtype)
 
 
 @KERNELS
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 def test_mma_kernels_empty_rows_determinism_and_unknown_choice(dtype, monkeypatch):
-    for variable in MMA_PASSES.values():
-        monkeypatch.setenv(variable, "mma")
+    use_cuda_kernels(monkeypatch, "mma")
     case = Case(dim=128, empty_row=True, tq=113, tk=97, causal=True, heads=4, kv_heads=2, seed=36)
     fused = check(case, dtype)
     assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
@@ -161,7 +157,7 @@ def test_mma_kernels_empty_rows_determinism_and_unknown_choice(dtype, monkeypatc
     first, second = run(case, inputs, "cuda"), run(case, inputs, "cuda")
     for name in first:
         assert torch.equal(first[name], second[name]), name
-    monkeypatch.setenv(MMA_PASSES["backward"], "fast")
+    use_cuda_kernels(monkeypatch, "fast", passes=("backward",))
     with pytest.raises(RuntimeError, match="ECHO_KERNELS_CUDA_BACKWARD must be 'wmma' or 'mma'"):
         run(case, inputs, "cuda")
 
@@ -207,8 +203,7 @@ def test_backward_is_bitwise_deterministic(dim):
 @pytest.mark.parametrize("kernels", ["wmma", "mma"])
 def test_every_buffer_is_written(kernels, monkeypatch):
     """Every buffer starts as NaN (tests/conftest.py poisons); nothing may be left NaN (padding, empty rows, tiles)."""
-    monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", kernels)
-    monkeypatch.setenv("ECHO_KERNELS_CUDA_BACKWARD", kernels)
+    use_cuda_kernels(monkeypatch, kernels)
     case = Case(dim=128, tq=70, tk=65, heads=2, kv_heads=1, empty_row=True, seed=34)
     inputs = make_case(case, F16, "cuda")
     q, k, v = (inputs[n].to("cuda", F16) for n in ("q", "k", "v"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import echo_kernels as ek
-from cases import LEARNED_FEATURES, Case, assert_close_to_golden, make_case, max_err, run
+from cases import LEARNED_FEATURES, Case, assert_close_to_golden, learnable, make_case, max_err, run, use_cuda_kernels
 
 BACKENDS = ("reference", "chunked")
 
@@ -161,16 +161,11 @@ def _padding_case(device: str, dtype: torch.dtype):
     return clean, poisoned, ql.to(device), kl.to(device), f0.to(device)
 
 
-def _learnable(features):
-    return ek.PitchFeatures(*(x.detach().clone().requires_grad_(name in LEARNED_FEATURES)
-                              for name, x in zip(features._fields, features)))
-
-
 def _padding_run(backend, tensors, ql, kl, f0):
     """out, then the gradients of q, k, v and of the learned features of both sides."""
     q, k, v, dout = (x.clone().requires_grad_(x is not tensors[3]) for x in tensors)
-    fq = _learnable(ek.pitch_features(f0, lengths=ql))
-    fk = _learnable(ek.pitch_features(f0, lengths=kl))
+    fq = learnable(ek.pitch_features(f0, lengths=ql))
+    fk = learnable(ek.pitch_features(f0, lengths=kl))
     out = ek.rope_attention(q, k, v, features=fq, features_k=fk, bias="exp", causal=True, q_lengths=ql,
                             k_lengths=kl, backend=backend)
     out.backward(dout)
@@ -196,8 +191,7 @@ def test_nan_in_padding_changes_nothing(backend, device, dtype, kernels, monkeyp
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if kernels is not None:
-        monkeypatch.setenv("ECHO_KERNELS_CUDA_FORWARD", kernels)
-        monkeypatch.setenv("ECHO_KERNELS_CUDA_BACKWARD", kernels)
+        use_cuda_kernels(monkeypatch, kernels)
     reason = ek.backends()[backend].reason if not ek.backends()[backend].available else None
     if reason is not None:
         pytest.skip(reason)
