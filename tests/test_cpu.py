@@ -32,6 +32,10 @@ CASES = {
     # 5 blocks in 4 uneven chunks (the last holds 2), and B x Hk = 32 with a single chunk.
     "key_chunks_uneven": Case(kv_heads=4, tq=97, tk=300, causal=True),
     "one_key_chunk": Case(batch=4, heads=8, kv_heads=8, tq=70, tk=130, dim=16),
+    # The exp bias is a product of per-token factors exp(+-beta p) while beta max|p| <= 8 (the
+    # cases above: max|p| = 2.4, beta = 0.8) and an exp per score beyond (see also
+    # test_float32_exp_bias_at_the_factor_limit).
+    "exp_wide_pitch": Case(pitch_scale=10.0),
 }
 
 
@@ -70,6 +74,28 @@ def test_float32_matches_golden(name, goldens):
     assert_close_to_golden(got, reference, golden)
     # dbeta sums every (i, j) term with cancellation; the float32 reference misses the
     # float64 golden by ~2e-4 relative too (feature rounding), so it is left to the rule above.
+    for n, err in _relative_errors(got, golden).items():
+        if n != "beta":
+            assert err <= 1e-4, f"{n}: relative error {err:.2e}"
+
+
+def _max_abs_pitch(case: Case, inputs: dict) -> float:
+    """max |pitch| over both sides' features as `cases.run` builds them (before pitch_scale)."""
+    sides = (("f0q", "q_lengths"), ("f0k", "k_lengths"))
+    return max(ek.pitch_features(inputs[f0], lengths=inputs[n]).pitch.abs().max().item() for f0, n in sides)
+
+
+@pytest.mark.parametrize("product", [7.9, 8.1])
+def test_float32_exp_bias_at_the_factor_limit(product):
+    """Just under beta max|p| = 8 the factorised bias is at its least accurate (its factors'
+    arguments carry ~|beta p| ulp of rounding); just over, the exp is taken per score. Both
+    meet the float32 rule."""
+    base = Case(seed=5)
+    inputs = make_case(base, torch.float64)
+    case = Case(seed=5, pitch_scale=product / (base.beta * _max_abs_pitch(base, inputs)))
+    golden = run(case, inputs, "reference", torch.float64)
+    got = run(case, inputs, "cpu", torch.float32)
+    assert_close_to_golden(got, run(case, inputs, "reference", torch.float32), golden)
     for n, err in _relative_errors(got, golden).items():
         if n != "beta":
             assert err <= 1e-4, f"{n}: relative error {err:.2e}"

@@ -91,9 +91,8 @@ struct KeyTile {
   const acc_t* kt;  // rotated keys transposed [Dp, kBlockK]
   const acc_t* vt;  // values transposed [Dp, kBlockK]
   const acc_t* k;   // rotated keys [nk, Dp] (for dq = dS K)
-  const acc_t* pitch;
-  const acc_t* voiced;
-  bool any_voiced;  // some key of the tile is voiced (else the pitch bias is 0 on the whole tile)
+  KeyPitch<acc_t> pitch;  // the bias inputs of the tile's keys
+  bool any_voiced;        // some key of the tile is voiced (else the pitch bias is 0 on the whole tile)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -243,8 +242,7 @@ class BackwardTask {
   }
 
   BiasRow<acc_t> bias_row(int64_t b, int64_t h, int64_t i) const {
-    const int64_t t = sq_.token(b, i);
-    return BiasRow<acc_t>{in_.bias, alpha_[h], beta_, sq_.pitch[t], sq_.voiced[t]};
+    return make_bias_row(in_.bias, alpha_[h], beta_, sq_, sq_.token(b, i));
   }
 
   // exp(s - (+inf)) = 0 keeps rows without an allowed key (lse = -inf) out of every gradient.
@@ -266,6 +264,10 @@ class BackwardTask {
       vtc_.assign(tk_pad * s_.Dp, acc_t(0));
       pkc_.assign(tk_pad, acc_t(0));
       vkc_.assign(tk_pad, acc_t(0));
+      if (sk_.up != nullptr) {
+        upc_.assign(tk_pad, acc_t(0));
+        downc_.assign(tk_pad, acc_t(0));
+      }
       tile_voiced_.assign(n_kb_, 0);
     }
     const int64_t base = key * s_.Tk * s_.D;
@@ -281,10 +283,16 @@ class BackwardTask {
       load_row(v + j * s_.D, s_.D, vtc_.data() + kb * s_.Dp * kBlockK + c, kBlockK);
       pkc_[j] = sk_.pitch[t];
       vkc_[j] = sk_.voiced[t];
+      if (!upc_.empty()) {
+        upc_[j] = sk_.up[t];
+        downc_[j] = sk_.down[t];
+      }
     }
     // Keys past Lk: finite zeros (they are masked, but their products must not be NaN).
     std::fill(pkc_.begin() + lk, pkc_.end(), acc_t(0));
     std::fill(vkc_.begin() + lk, vkc_.end(), acc_t(0));
+    std::fill(upc_.begin() + std::min<int64_t>(lk, upc_.size()), upc_.end(), acc_t(0));
+    std::fill(downc_.begin() + std::min<int64_t>(lk, downc_.size()), downc_.end(), acc_t(0));
     for (int64_t kb = 0; kb < n_kb_; ++kb) {
       const auto first = vkc_.begin() + kb * kBlockK;
       tile_voiced_[kb] = std::any_of(first, first + kBlockK, [](acc_t x) { return x != acc_t(0); });
@@ -294,8 +302,11 @@ class BackwardTask {
   KeyTile<acc_t> key_tile(int64_t j0) const {
     const int64_t kb = j0 / kBlockK;
     return KeyTile<acc_t>{ktc_.data() + kb * s_.Dp * kBlockK, vtc_.data() + kb * s_.Dp * kBlockK,
-                          kc_.data() + j0 * s_.Dp,         pkc_.data() + j0,
-                          vkc_.data() + j0,                tile_voiced_[kb] != 0};
+                          kc_.data() + j0 * s_.Dp,
+                          KeyPitch<acc_t>{pkc_.data() + j0, vkc_.data() + j0,
+                                          upc_.empty() ? nullptr : upc_.data() + j0,
+                                          upc_.empty() ? nullptr : downc_.data() + j0},
+                          tile_voiced_[kb] != 0};
   }
 
   // Every key block reads every query tile of the group's heads: rotated,
@@ -345,7 +356,7 @@ class BackwardTask {
                  const KeyTile<acc_t>& kt, acc_t lse, int64_t lq, int64_t lk, acc_t* erow) {
     acc_t* prow = p_.data() + r * kBlockK;
     const bool biased = br.active() && kt.any_voiced;
-    if (biased) add_bias_row(br, kt.pitch, kt.voiced, N, prow, erow);
+    if (biased) add_bias_row(br, kt.pitch, N, prow, erow);
     mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
     exp_row(prow, N, lse);
     return biased;
@@ -364,7 +375,7 @@ class BackwardTask {
       const BiasRow<acc_t> br = bias_row(b, h, i0 + r);
       const bool biased = probs_row(br, i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk, erow);
       softmax_grad_row(p_.data() + r * kBlockK, dsrow, N, qr.delta[r]);
-      if (biased) rows[r] += bias_row_grads(br, dsrow, erow, kt.pitch, kt.voiced, N, col);
+      if (biased) rows[r] += bias_row_grads(br, dsrow, erow, kt.pitch, N, col);
     }
     std::fill(p_.begin() + nq * kBlockK, p_.begin() + M * kBlockK, acc_t(0));
     std::fill(ds_.begin() + nq * kBlockK, ds_.begin() + M * kBlockK, acc_t(0));
@@ -388,7 +399,7 @@ class BackwardTask {
   // Tile work buffers.
   std::vector<acc_t> p_, ds_, e_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
   // Key cache of (b, hk) = keys_of_ (allocated on first use).
-  std::vector<acc_t> kc_, ktc_, vtc_, pkc_, vkc_;
+  std::vector<acc_t> kc_, ktc_, vtc_, pkc_, vkc_, upc_, downc_;  // upc_, downc_: empty unless factorised
   std::vector<char> tile_voiced_;
   int64_t keys_of_ = -1;
   // Query cache of (b, hk) = queries_of_, G heads of tq_rows_ rows each.
@@ -453,8 +464,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "vrope_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Side<acc_t> sq = make_side<acc_t>(in.fq, s.B, s.Tq, s.D);
-    const Side<acc_t> sk = make_side<acc_t>(in.fk, s.B, s.Tk, s.D);
+    const Side<acc_t> sq = make_side<acc_t>(in.fq, s.B, s.Tq, s.D, in.beta_factors);
+    const Side<acc_t> sk = make_side<acc_t>(in.fk, s.B, s.Tk, s.D, in.beta_factors);
     at::Tensor delta = row_deltas<scalar_t, acc_t>(dout, out, in.stat);
     const scalar_t* dout_ptr = dout.data_ptr<scalar_t>();
     const acc_t* lse_ptr = lse.data_ptr<acc_t>();

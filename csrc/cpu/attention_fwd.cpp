@@ -19,7 +19,8 @@ class ForwardTask {
         q_(kBlockQ * s_.Dp, acc_t(0)), kt_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)),
         v_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK, acc_t(0)),
         acc_(kBlockQ * s_.Dp, acc_t(0)), pk_(round_up(s_.Tk, kBlockK), acc_t(0)),
-        vk_(round_up(s_.Tk, kBlockK), acc_t(0)), tile_voiced_(ceil_div(s_.Tk, kBlockK), 0), m_(kBlockQ),
+        vk_(round_up(s_.Tk, kBlockK), acc_t(0)), up_(sk.up != nullptr ? pk_.size() : 0, acc_t(0)),
+        down_(up_.size(), acc_t(0)), tile_voiced_(ceil_div(s_.Tk, kBlockK), 0), m_(kBlockQ),
         l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
   void run(int64_t task) {
@@ -48,16 +49,16 @@ class ForwardTask {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const int64_t N = round_up(nk, kPad);
       const acc_t* kt = kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
-      const acc_t* pk = pk_.data() + j0;
-      const acc_t* vk = vk_.data() + j0;
+      const KeyPitch<acc_t> keys{pk_.data() + j0, vk_.data() + j0, up_.empty() ? nullptr : up_.data() + j0,
+                                 up_.empty() ? nullptr : down_.data() + j0};
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
       const bool tile_voiced = tile_voiced_[j0 / kBlockK] != 0;
       gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
       for (int64_t r = 0; r < valid; ++r) {
         const int64_t i = i0 + r;
         acc_t* srow = s_tile_.data() + r * kBlockK;
-        const BiasRow<acc_t> br{in_.bias, alpha_[h], beta_, sq_.pitch[sq_.token(b, i)], sq_.voiced[sq_.token(b, i)]};
-        if (br.active() && tile_voiced) add_bias_row(br, pk, vk, N, srow, static_cast<acc_t*>(nullptr));
+        const BiasRow<acc_t> br = make_bias_row(in_.bias, alpha_[h], beta_, sq_, sq_.token(b, i));
+        if (br.active() && tile_voiced) add_bias_row(br, keys, N, srow, static_cast<acc_t*>(nullptr));
         mask_row(srow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
         online_softmax_row(r, srow, N);
       }
@@ -106,9 +107,16 @@ class ForwardTask {
       load_row(v + j * s_.D, s_.D, v_.data() + j * s_.Dp, 1);
       pk_[j] = sk_.pitch[t];
       vk_[j] = sk_.voiced[t];
+      if (!up_.empty()) {
+        up_[j] = sk_.up[t];
+        down_[j] = sk_.down[t];
+      }
     }
+    // Keys past Lk: finite values (voicing 0 zeroes their bias; NaN padding must not leak).
     std::fill(pk_.begin() + lk, pk_.end(), acc_t(0));
     std::fill(vk_.begin() + lk, vk_.end(), acc_t(0));
+    std::fill(up_.begin() + std::min<int64_t>(lk, up_.size()), up_.end(), acc_t(0));
+    std::fill(down_.begin() + std::min<int64_t>(lk, down_.size()), down_.end(), acc_t(0));
     for (size_t kb = 0; kb < tile_voiced_.size(); ++kb) {
       const auto first = vk_.begin() + kb * kBlockK;
       tile_voiced_[kb] = std::any_of(first, first + kBlockK, [](acc_t x) { return x != acc_t(0); });
@@ -133,7 +141,7 @@ class ForwardTask {
   const Side<acc_t>& sk_;
   scalar_t* out_;
   acc_t* lse_;
-  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_, pk_, vk_;
+  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_, pk_, vk_, up_, down_;  // up_, down_: empty unless factorised
   std::vector<char> tile_voiced_;  // per key tile of the cache: some key is voiced
   std::vector<acc_t> m_, l_;
   const acc_t* alpha_;
@@ -154,8 +162,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor lse = new_output({s.B, s.H, s.Tq}, q.options().dtype(in.stat), in.poison);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "vrope_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Side<acc_t> sq = make_side<acc_t>(in.fq, s.B, s.Tq, s.D);
-    const Side<acc_t> sk = make_side<acc_t>(in.fk, s.B, s.Tk, s.D);
+    const Side<acc_t> sq = make_side<acc_t>(in.fq, s.B, s.Tq, s.D, in.beta_factors);
+    const Side<acc_t> sk = make_side<acc_t>(in.fk, s.B, s.Tk, s.D, in.beta_factors);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     const int64_t tasks = s.B * s.H * ceil_div(s.Tq, kBlockQ);

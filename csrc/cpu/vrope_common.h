@@ -68,6 +68,7 @@ struct Vec {
   friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  friend Vec vmin(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   Vec abs() const { return {std::abs(v)}; }
   Vec sign() const { return {T((v > T(0)) - (v < T(0)))}; }
   Vec exp() const { return {std::exp(v)}; }
@@ -112,6 +113,7 @@ struct Vec<float> {
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend Vec vmin(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
   Vec abs() const { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)}; }
   Vec sign() const {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
@@ -150,6 +152,7 @@ struct Vec<double> {
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm256_max_pd(a.v, b.v)}; }
+  friend Vec vmin(Vec a, Vec b) { return {_mm256_min_pd(a.v, b.v)}; }
   Vec abs() const { return {_mm256_andnot_pd(_mm256_set1_pd(-0.0), v)}; }
   Vec sign() const {
     const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
@@ -301,32 +304,53 @@ void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
 }
 
 // ---------------------------------------------------------------------------------
-// Pitch bias of one query token against a key tile (pk, vk padded to n with zeros).
+// Pitch bias of one query token against a key tile.
+//
+// The exp kind factorises: exp(-beta |p_i - p_j|) = min(e_i^- e_j^+, e_i^+ e_j^-) with
+// e^+ = exp(beta p), e^- = exp(-beta p) per token (the right product is the one <= 1), so
+// a score costs two products and a min instead of an exp. The factors' arguments carry a
+// rounding error of |beta p| ulp, so the product is used only while beta max|p| <= kExpFactorLimit
+// (an error below 16 ulp of the bias; z-scored pitch with beta near 1 stays far under it);
+// beyond, the exp is taken per score.
 // ---------------------------------------------------------------------------------
+constexpr double kExpFactorLimit = 8.0;
+
+// Per-key inputs of the bias over a tile, padded with finite values to the tile width.
+template <typename T>
+struct KeyPitch {
+  const T* pitch;
+  const T* voiced;
+  const T* up;    // exp(beta p_j), or nullptr when the exp is taken per score
+  const T* down;  // exp(-beta p_j)
+};
+
 template <typename T>
 struct BiasRow {
   int64_t kind;
   T alpha, beta, pq, vq;  // head weight, beta, the query token's pitch and voicing
+  T up, down;             // exp(+-beta pq) (used with the keys' factors)
   bool active() const { return kind != kBiasNone && vq != T(0); }
 };
 
 // s[j] += bias(i, j); e[j] receives exp(-beta |pq - pk_j|) for the exp kind (backward).
 template <typename T>
-void add_bias_row(const BiasRow<T>& br, const T* pk, const T* vk, int64_t n, T* s, T* e) {
+void add_bias_row(const BiasRow<T>& br, const KeyPitch<T>& keys, int64_t n, T* s, T* e) {
   using V = Vec<T>;
   const V pq = V::set1(br.pq), vq = V::set1(br.vq);
   if (br.kind == kBiasExp) {
-    const V nbeta = V::set1(-br.beta), a = V::set1(br.alpha);
+    const V a = V::set1(br.alpha);
+    const V nbeta = V::set1(-br.beta), up = V::set1(br.up), down = V::set1(br.down);
     for (int64_t j = 0; j < n; j += V::size) {
-      const V t = (nbeta * (pq - V::load(pk + j)).abs()).exp();
+      const V t = keys.up != nullptr ? vmin(down * V::load(keys.up + j), up * V::load(keys.down + j))
+                                     : (nbeta * (pq - V::load(keys.pitch + j)).abs()).exp();
       if (e != nullptr) t.store(e + j);
-      (V::load(s + j) + (a * t) * (vq * V::load(vk + j))).store(s + j);
+      (V::load(s + j) + (a * t) * (vq * V::load(keys.voiced + j))).store(s + j);
     }
   } else {
     const V nab = V::set1(-br.alpha * br.beta);
     for (int64_t j = 0; j < n; j += V::size) {
-      const V dist = (pq - V::load(pk + j)).abs();
-      (V::load(s + j) + (nab * dist) * (vq * V::load(vk + j))).store(s + j);
+      const V dist = (pq - V::load(keys.pitch + j)).abs();
+      (V::load(s + j) + (nab * dist) * (vq * V::load(keys.voiced + j))).store(s + j);
     }
   }
 }
@@ -346,16 +370,16 @@ struct BiasRowGrads {
 
 // col (optional) accumulates w * sign per key (the key-side pitch gradient).
 template <typename T>
-BiasRowGrads<T> bias_row_grads(const BiasRow<T>& br, const T* ds, const T* e, const T* pk, const T* vk,
-                               int64_t n, T* col) {
+BiasRowGrads<T> bias_row_grads(const BiasRow<T>& br, const T* ds, const T* e, const KeyPitch<T>& keys, int64_t n,
+                               T* col) {
   using V = Vec<T>;
   const V pq = V::set1(br.pq), vq = V::set1(br.vq);
   V w_sum = V::set1(T(0)), wd_sum = w_sum, ws_sum = w_sum;
   for (int64_t j = 0; j < n; j += V::size) {
-    const V delta = pq - V::load(pk + j);
+    const V delta = pq - V::load(keys.pitch + j);
     V w = V::load(ds + j);
     if (br.kind == kBiasExp) w = w * V::load(e + j);
-    w = w * (vq * V::load(vk + j));
+    w = w * (vq * V::load(keys.voiced + j));
     const V ws = w * delta.sign();
     w_sum = w_sum + w;
     wd_sum = wd_sum + w * delta.abs();
@@ -372,20 +396,24 @@ struct Shape {
   int64_t B, H, Hk, G, Tq, Tk, D, P, Dp;
 };
 
-// One side's features [B, T] and its rotation tables cos/sin/phi [B, T, P], computed
-// once per call (not per score, not per tile) in the stat dtype.
+// One side's features [B, T], its rotation tables cos/sin/phi [B, T, P] and, for the
+// factorised exp bias, exp(+-beta pitch) [B, T], computed once per call (not per score,
+// not per tile) in the stat dtype.
 template <typename acc_t>
 struct Side {
   const acc_t *pos, *log_theta, *radius, *pitch, *voiced;
   at::Tensor tables;  // [3, B, T, P]: cos, sin, phi
   const acc_t *cos, *sin, *phi;
+  at::Tensor factors;                          // [2, B, T]: up, down (when factorised)
+  const acc_t *up = nullptr, *down = nullptr;  // exp(beta pitch), exp(-beta pitch)
   int64_t T, P;
   int64_t token(int64_t b, int64_t t) const { return b * T + t; }
   int64_t pair(int64_t b, int64_t t) const { return (b * T + t) * P; }
 };
 
+// beta_factors: the beta of the factorised exp bias, or NaN for none.
 template <typename acc_t>
-Side<acc_t> make_side(const std::vector<at::Tensor>& f, int64_t B, int64_t T, int64_t D) {
+Side<acc_t> make_side(const std::vector<at::Tensor>& f, int64_t B, int64_t T, int64_t D, double beta_factors) {
   Side<acc_t> s;
   s.pos = f[0].data_ptr<acc_t>();
   s.log_theta = f[1].data_ptr<acc_t>();
@@ -417,7 +445,21 @@ Side<acc_t> make_side(const std::vector<at::Tensor>& f, int64_t B, int64_t T, in
   s.cos = cos;
   s.sin = sin;
   s.phi = phi;
+  if (!std::isnan(beta_factors)) {
+    const at::Tensor scaled = f[3] * beta_factors;
+    s.factors = at::stack({scaled.exp(), scaled.neg().exp()}).contiguous();
+    s.up = s.factors.template data_ptr<acc_t>();
+    s.down = s.up + n_tok;
+  }
   return s;
+}
+
+// The bias inputs of query token t (batch-flat index) for head weight alpha.
+template <typename acc_t>
+BiasRow<acc_t> make_bias_row(int64_t kind, acc_t alpha, acc_t beta, const Side<acc_t>& side, int64_t t) {
+  const bool factors = side.up != nullptr;
+  return BiasRow<acc_t>{kind,  alpha, beta, side.pitch[t], side.voiced[t], factors ? side.up[t] : acc_t(1),
+                        factors ? side.down[t] : acc_t(1)};
 }
 
 // Rotates token row x (interleaved pairs, length 2P) into split layout (even results at
@@ -476,6 +518,7 @@ struct Inputs {
   std::vector<at::Tensor> fq, fk;
   at::Tensor alpha, beta;
   double beta_value;  // beta read once here, outside the parallel regions (exact for float32 beta)
+  double beta_factors;  // beta_value when the exp bias is factorised (see kExpFactorLimit), else NaN
   std::vector<int64_t> lq, lk;
   int64_t bias;
   bool causal;

@@ -34,6 +34,12 @@ void check_features(const std::vector<at::Tensor>& f, int64_t batch, int64_t len
   }
 }
 
+// Whether beta max|pitch| <= kExpFactorLimit; a NaN pitch (padding may hold anything) fails it.
+bool factorisable(const at::Tensor& pitch, double beta) {
+  if (pitch.numel() == 0) return true;
+  return beta * pitch.abs().max().item<double>() <= kExpFactorLimit;
+}
+
 }  // namespace
 
 Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<at::Tensor>& fq,
@@ -77,6 +83,10 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   in.alpha = alpha.contiguous();
   in.beta = beta;
   in.beta_value = beta.item<double>();
+  in.beta_factors = bias == kBiasExp && in.beta_value >= 0 && factorisable(fq[3], in.beta_value) &&
+                            factorisable(fk[3], in.beta_value)
+                        ? in.beta_value
+                        : std::numeric_limits<double>::quiet_NaN();
   in.lq = read_lengths(q_lengths, B, Tq, "q_lengths");
   in.lk = read_lengths(k_lengths, B, Tk, "k_lengths");
   in.bias = bias;
