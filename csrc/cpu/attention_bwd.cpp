@@ -91,8 +91,8 @@ struct KeyTile {
   const acc_t* kt;  // rotated keys transposed [Dp, kBlockK]
   const acc_t* vt;  // values transposed [Dp, kBlockK]
   const acc_t* k;   // rotated keys [nk, Dp] (for dq = dS K)
-  KeyPitch<acc_t> pitch;  // the bias inputs of the tile's keys
-  bool any_voiced;        // some key of the tile is voiced (else the pitch bias is 0 on the whole tile)
+  KeyPitch<acc_t> bias_keys;  // the pitch-bias inputs of the tile's keys
+  bool any_voiced;            // some key of the tile is voiced (else the pitch bias is 0 on the whole tile)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -356,7 +356,7 @@ class BackwardTask {
                  const KeyTile<acc_t>& kt, acc_t lse, int64_t lq, int64_t lk, acc_t* erow) {
     acc_t* prow = p_.data() + r * kBlockK;
     const bool biased = br.active() && kt.any_voiced;
-    if (biased) add_bias_row(br, kt.pitch, N, prow, erow);
+    if (biased) add_bias_row(br, kt.bias_keys, N, prow, erow);
     mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
     exp_row(prow, N, lse);
     return biased;
@@ -375,7 +375,7 @@ class BackwardTask {
       const BiasRow<acc_t> br = bias_row(b, h, i0 + r);
       const bool biased = probs_row(br, i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk, erow);
       softmax_grad_row(p_.data() + r * kBlockK, dsrow, N, qr.delta[r]);
-      if (biased) rows[r] += bias_row_grads(br, dsrow, erow, kt.pitch, N, col);
+      if (biased) rows[r] += bias_row_grads(br, dsrow, erow, kt.bias_keys, N, col);
     }
     std::fill(p_.begin() + nq * kBlockK, p_.begin() + M * kBlockK, acc_t(0));
     std::fill(ds_.begin() + nq * kBlockK, ds_.begin() + M * kBlockK, acc_t(0));
