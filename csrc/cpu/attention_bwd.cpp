@@ -104,7 +104,8 @@ class BackwardTask {
         n_kb_(ceil_div(s_.Tk, kBlockK)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
         e_(kBlockQ * kBlockK, acc_t(0)), dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
         col_(kBlockK, acc_t(0)), dpitch_(kBlockK, acc_t(0)), delta_tile_(kBlockQ, acc_t(0)), dq_row_(s_.Dp, acc_t(0)),
-        alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
+        keys_(s_.Tk, sk.up != nullptr), alpha_(in.alpha.data_ptr<acc_t>()),
+        beta_(static_cast<acc_t>(in.beta_value)) {}
 
   // Main pass, task = (b, hk, chunk): every key block of the chunk (dK, dV, key-side
   // partials) and the chunk's dQ~ and bias-row sums.
@@ -251,7 +252,7 @@ class BackwardTask {
   }
 
   // Rotated keys of the whole (b, hk) sequence, row-major [Tk, Dp] and transposed per key
-  // tile [Dp, kBlockK]; values transposed per tile; key pitch / voicing. Once per thread
+  // tile [Dp, kBlockK]; values transposed per tile; the keys' bias inputs. Once per thread
   // and (b, hk).
   void prepare_keys(int64_t b, int64_t hk, int64_t lk) {
     const int64_t key = b * s_.Hk + hk;
@@ -262,13 +263,6 @@ class BackwardTask {
       kc_.assign(tk_pad * s_.Dp, acc_t(0));
       ktc_.assign(tk_pad * s_.Dp, acc_t(0));
       vtc_.assign(tk_pad * s_.Dp, acc_t(0));
-      pkc_.assign(tk_pad, acc_t(0));
-      vkc_.assign(tk_pad, acc_t(0));
-      if (sk_.up != nullptr) {
-        upc_.assign(tk_pad, acc_t(0));
-        downc_.assign(tk_pad, acc_t(0));
-      }
-      tile_voiced_.assign(n_kb_, 0);
     }
     const int64_t base = key * s_.Tk * s_.D;
     const scalar_t* k = in_.k.data_ptr<scalar_t>() + base;
@@ -281,32 +275,14 @@ class BackwardTask {
       acc_t* kt = ktc_.data() + kb * s_.Dp * kBlockK + c;
       for (int64_t d = 0; d < s_.D; ++d) kt[d * kBlockK] = krow[d];
       load_row(v + j * s_.D, s_.D, vtc_.data() + kb * s_.Dp * kBlockK + c, kBlockK);
-      pkc_[j] = sk_.pitch[t];
-      vkc_[j] = sk_.voiced[t];
-      if (!upc_.empty()) {
-        upc_[j] = sk_.up[t];
-        downc_[j] = sk_.down[t];
-      }
     }
-    // Keys past Lk: finite zeros (they are masked, but their products must not be NaN).
-    std::fill(pkc_.begin() + lk, pkc_.end(), acc_t(0));
-    std::fill(vkc_.begin() + lk, vkc_.end(), acc_t(0));
-    std::fill(upc_.begin() + std::min<int64_t>(lk, upc_.size()), upc_.end(), acc_t(0));
-    std::fill(downc_.begin() + std::min<int64_t>(lk, downc_.size()), downc_.end(), acc_t(0));
-    for (int64_t kb = 0; kb < n_kb_; ++kb) {
-      const auto first = vkc_.begin() + kb * kBlockK;
-      tile_voiced_[kb] = std::any_of(first, first + kBlockK, [](acc_t x) { return x != acc_t(0); });
-    }
+    keys_.load(sk_, b, lk);
   }
 
   KeyTile<acc_t> key_tile(int64_t j0) const {
     const int64_t kb = j0 / kBlockK;
     return KeyTile<acc_t>{ktc_.data() + kb * s_.Dp * kBlockK, vtc_.data() + kb * s_.Dp * kBlockK,
-                          kc_.data() + j0 * s_.Dp,
-                          KeyPitch<acc_t>{pkc_.data() + j0, vkc_.data() + j0,
-                                          upc_.empty() ? nullptr : upc_.data() + j0,
-                                          upc_.empty() ? nullptr : downc_.data() + j0},
-                          tile_voiced_[kb] != 0};
+                          kc_.data() + j0 * s_.Dp, keys_.tile(j0), keys_.tile_voiced(j0)};
   }
 
   // Every key block reads every query tile of the group's heads: rotated,
@@ -398,9 +374,9 @@ class BackwardTask {
   const int64_t n_kb_;
   // Tile work buffers.
   std::vector<acc_t> p_, ds_, e_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
-  // Key cache of (b, hk) = keys_of_ (allocated on first use).
-  std::vector<acc_t> kc_, ktc_, vtc_, pkc_, vkc_, upc_, downc_;  // upc_, downc_: empty unless factorised
-  std::vector<char> tile_voiced_;
+  // Key cache of (b, hk) = keys_of_ (the key and value tiles allocated on first use).
+  std::vector<acc_t> kc_, ktc_, vtc_;
+  KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys
   int64_t keys_of_ = -1;
   // Query cache of (b, hk) = queries_of_, G heads of tq_rows_ rows each.
   std::vector<acc_t> qc_, doc_, lsec_, deltac_;

@@ -18,9 +18,7 @@ class ForwardTask {
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), out_(out), lse_(lse),
         q_(kBlockQ * s_.Dp, acc_t(0)), kt_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)),
         v_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK, acc_t(0)),
-        acc_(kBlockQ * s_.Dp, acc_t(0)), pk_(round_up(s_.Tk, kBlockK), acc_t(0)),
-        vk_(round_up(s_.Tk, kBlockK), acc_t(0)), up_(sk.up != nullptr ? pk_.size() : 0, acc_t(0)),
-        down_(up_.size(), acc_t(0)), tile_voiced_(ceil_div(s_.Tk, kBlockK), 0), m_(kBlockQ),
+        acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
         l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
   void run(int64_t task) {
@@ -49,10 +47,9 @@ class ForwardTask {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const int64_t N = round_up(nk, kPad);
       const acc_t* kt = kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
-      const KeyPitch<acc_t> keys{pk_.data() + j0, vk_.data() + j0, up_.empty() ? nullptr : up_.data() + j0,
-                                 up_.empty() ? nullptr : down_.data() + j0};
+      const KeyPitch<acc_t> keys = keys_.tile(j0);
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
-      const bool tile_voiced = tile_voiced_[j0 / kBlockK] != 0;
+      const bool tile_voiced = keys_.tile_voiced(j0);
       gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
       for (int64_t r = 0; r < valid; ++r) {
         const int64_t i = i0 + r;
@@ -105,22 +102,8 @@ class ForwardTask {
       rotate_row(k + j * s_.D, sk_.cos + sk_.pair(b, j), sk_.sin + sk_.pair(b, j), sk_.radius[t], acc_t(1), s_.P,
                  kt_.data() + kb * s_.Dp * kBlockK + c, kBlockK);
       load_row(v + j * s_.D, s_.D, v_.data() + j * s_.Dp, 1);
-      pk_[j] = sk_.pitch[t];
-      vk_[j] = sk_.voiced[t];
-      if (!up_.empty()) {
-        up_[j] = sk_.up[t];
-        down_[j] = sk_.down[t];
-      }
     }
-    // Keys past Lk: finite values (voicing 0 zeroes their bias; NaN padding must not leak).
-    std::fill(pk_.begin() + lk, pk_.end(), acc_t(0));
-    std::fill(vk_.begin() + lk, vk_.end(), acc_t(0));
-    std::fill(up_.begin() + std::min<int64_t>(lk, up_.size()), up_.end(), acc_t(0));
-    std::fill(down_.begin() + std::min<int64_t>(lk, down_.size()), down_.end(), acc_t(0));
-    for (size_t kb = 0; kb < tile_voiced_.size(); ++kb) {
-      const auto first = vk_.begin() + kb * kBlockK;
-      tile_voiced_[kb] = std::any_of(first, first + kBlockK, [](acc_t x) { return x != acc_t(0); });
-    }
+    keys_.load(sk_, b, lk);
   }
 
   // Folds one row of scores into the running max m, sum l and accumulator; srow becomes P.
@@ -141,8 +124,8 @@ class ForwardTask {
   const Side<acc_t>& sk_;
   scalar_t* out_;
   acc_t* lse_;
-  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_, pk_, vk_, up_, down_;  // up_, down_: empty unless factorised
-  std::vector<char> tile_voiced_;  // per key tile of the cache: some key is voiced
+  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_;
+  KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys
   std::vector<acc_t> m_, l_;
   const acc_t* alpha_;
   const acc_t beta_;

@@ -462,6 +462,50 @@ BiasRow<acc_t> make_bias_row(int64_t kind, acc_t alpha, acc_t beta, const Side<a
                         factors ? side.down[t] : acc_t(1)};
 }
 
+// One thread's copy of a (b, hk) sequence's key-side bias inputs (pitch, voicing and, when
+// factorised, exp(+-beta pitch)), padded to whole key tiles with finite zeros: keys past Lk
+// are masked, but their products must not be NaN. Shared by forward and backward so that
+// both recompute the same bias.
+template <typename T>
+class KeyPitchCache {
+ public:
+  KeyPitchCache(int64_t Tk, bool factorised)
+      : pitch_(round_up(Tk, kBlockK), T(0)), voiced_(pitch_.size(), T(0)), up_(factorised ? pitch_.size() : 0, T(0)),
+        down_(up_.size(), T(0)), tile_voiced_(ceil_div(Tk, kBlockK), 0) {}
+
+  void load(const Side<T>& side, int64_t b, int64_t lk) {
+    for (int64_t j = 0; j < lk; ++j) {
+      const int64_t t = side.token(b, j);
+      pitch_[j] = side.pitch[t];
+      voiced_[j] = side.voiced[t];
+      if (!up_.empty()) {
+        up_[j] = side.up[t];
+        down_[j] = side.down[t];
+      }
+    }
+    for (auto* v : {&pitch_, &voiced_, &up_, &down_})
+      if (!v->empty()) std::fill(v->begin() + lk, v->end(), T(0));
+    for (size_t kb = 0; kb < tile_voiced_.size(); ++kb) {
+      const auto first = voiced_.begin() + kb * kBlockK;
+      tile_voiced_[kb] = std::any_of(first, first + kBlockK, [](T x) { return x != T(0); });
+    }
+  }
+
+  // The keys of the tile starting at key j0.
+  KeyPitch<T> tile(int64_t j0) const {
+    const bool factorised = !up_.empty();
+    return KeyPitch<T>{pitch_.data() + j0, voiced_.data() + j0, factorised ? up_.data() + j0 : nullptr,
+                       factorised ? down_.data() + j0 : nullptr};
+  }
+
+  // Some key of the tile starting at j0 is voiced (else the pitch bias is 0 on the whole tile).
+  bool tile_voiced(int64_t j0) const { return tile_voiced_[j0 / kBlockK] != 0; }
+
+ private:
+  std::vector<T> pitch_, voiced_, up_, down_;  // up_, down_: empty unless factorised
+  std::vector<char> tile_voiced_;
+};
+
 // Rotates token row x (interleaved pairs, length 2P) into split layout (even results at
 // 0..P-1, odd at P..2P-1), scaled by r * mult; element c goes to out[c * stride].
 template <typename scalar_t, typename acc_t>
