@@ -443,7 +443,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: d
     without clipping). ``forward``: the module to call (a DDP wrapper of ``model``); ``amp``: bf16
     autocast."""
     with torch.autocast(inputs["mel"].device.type, dtype=torch.bfloat16, enabled=amp):
-        out = (forward or model)(**inputs)
+        out = (model if forward is None else forward)(**inputs)
     out["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
     optimizer.step()

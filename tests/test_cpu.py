@@ -28,9 +28,9 @@ CASES = {
     "empty_row": Case(empty_row=True),
     "empty_row_causal": Case(empty_row=True, causal=True, bias="l1"),
     "odd_dim_pairs": Case(dim=6, theta_mode="fixed", radius_mode="unit"),
-    # The backward splits each (batch, kv head)'s key blocks into ceil(32 / (B x Hk)) chunks:
-    # 5 blocks in 4 uneven chunks (the last holds 2), and B x Hk = 32 with a single chunk.
-    "key_chunks_uneven": Case(kv_heads=4, tq=97, tk=300, causal=True),
+    # The backward splits each (batch, kv head)'s blocks of 128 keys into ceil(32 / (B x Hk))
+    # chunks: 5 blocks in 4 uneven chunks (the last holds 2), and B x Hk = 32 with a single chunk.
+    "key_chunks_uneven": Case(kv_heads=4, tq=97, tk=600, causal=True),
     "one_key_chunk": Case(batch=4, heads=8, kv_heads=8, tq=70, tk=130, dim=16),
     # The exp bias is a product of per-token factors exp(+-beta p) while beta max|p| <= 8 (the
     # cases above: max|p| = 2.4, beta = 0.8) and an exp per score beyond (see also
