@@ -430,7 +430,17 @@ Side<acc_t> make_side(const std::vector<at::Tensor>& f, int64_t B, int64_t T, in
   acc_t* phi = sin + n_tok * P;
   const acc_t* pos = s.pos;
   const acc_t* lt = s.log_theta;
+  const bool factorised = !std::isnan(beta_factors);
+  acc_t* up = nullptr;
+  acc_t* down = nullptr;
+  if (factorised) {
+    s.factors = at::empty({2, n_tok}, f[0].options());
+    up = s.factors.template data_ptr<acc_t>();
+    down = up + n_tok;
+  }
+  const acc_t beta = factorised ? static_cast<acc_t>(beta_factors) : acc_t(0);
   // Same operation order as the reference: omega = exp(-(2m / D) * log_theta), phi = pos * omega.
+  // (Scalar loops and no tensor ops: at short lengths this setup is a visible part of a call.)
   at::parallel_for(0, n_tok, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       for (int64_t m = 0; m < P; ++m) {
@@ -440,17 +450,18 @@ Side<acc_t> make_side(const std::vector<at::Tensor>& f, int64_t B, int64_t T, in
         cos[t * P + m] = std::cos(angle);
         sin[t * P + m] = std::sin(angle);
       }
+      if (factorised) {
+        const acc_t scaled = s.pitch[t] * beta;
+        up[t] = std::exp(scaled);
+        down[t] = std::exp(-scaled);
+      }
     }
   });
   s.cos = cos;
   s.sin = sin;
   s.phi = phi;
-  if (!std::isnan(beta_factors)) {
-    const at::Tensor scaled = f[3] * beta_factors;
-    s.factors = at::stack({scaled.exp(), scaled.neg().exp()}).contiguous();
-    s.up = s.factors.template data_ptr<acc_t>();
-    s.down = s.up + n_tok;
-  }
+  s.up = up;
+  s.down = down;
   return s;
 }
 

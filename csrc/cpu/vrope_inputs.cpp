@@ -35,9 +35,14 @@ void check_features(const std::vector<at::Tensor>& f, int64_t batch, int64_t len
 }
 
 // Whether beta max|pitch| <= kExpFactorLimit; a NaN pitch (padding may hold anything) fails it.
+// (A loop, not abs().max(): at short lengths tensor ops are a visible part of a call.)
 bool factorisable(const at::Tensor& pitch, double beta) {
-  if (pitch.numel() == 0) return true;
-  return beta * pitch.abs().max().item<double>() <= kExpFactorLimit;
+  return AT_DISPATCH_FLOATING_TYPES(pitch.scalar_type(), "vrope_factorisable", [&] {
+    const scalar_t* p = pitch.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = pitch.numel(); i < n; ++i)
+      if (!(beta * std::abs(static_cast<double>(p[i])) <= kExpFactorLimit)) return false;
+    return true;
+  });
 }
 
 }  // namespace
