@@ -25,3 +25,22 @@ def test_variant_overrides(variant, pitch, theta, radius, bias):
 def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown variants"):
         run_ablation(TINY, variants="az", out_dir=tmp_path)
+
+
+def test_table_reports_mean_and_spread_of_every_column(tmp_path):
+    from echo.ablate import COLUMNS, _write_table
+
+    base = load_config(TINY)
+    rows = []
+    for seed, value in enumerate((0.10, 0.20)):
+        row = {key: value for key, _ in COLUMNS}
+        rows.append({**row, "seed": seed, "steps": 2000, "minutes": 5.0 + seed})
+    out = tmp_path / "ablation.md"
+    _write_table({"a": rows}, base, out, TINY, 2, {"dev": 200, "test": 200})
+    lines = out.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| variant"))
+    assert header.count("|") == len(COLUMNS) + 4
+    row = next(line for line in lines if line.startswith("| (a)"))
+    # mean 15% and sample std 7.07% of 10% and 20%, in every score column
+    assert row.count("15.00 ± 7.07") == len(COLUMNS)
+    assert row.endswith("| 2000 | 5.5 |")
