@@ -41,6 +41,9 @@ DECODER_TAGS = {"joint": "joint", "attention": "att", "ctc": "ctc"}
 # shows whether the decoder alone has learned to stop, greedy CTC reads the encoder alone.
 COLUMNS = (("dev_joint_cer", "dev CER"), ("test_joint_wer", "test WER"), ("test_joint_cer", "test CER"),
            ("test_att_cer", "test CER (attention)"), ("test_ctc_cer", "test CER (CTC)"))
+# The plot beside the table: test CER of each decoder.
+PLOT_METRICS = (("test_joint_cer", "test CER, joint search"), ("test_att_cer", "test CER, greedy attention"),
+                ("test_ctc_cer", "test CER, greedy CTC"))
 
 
 def _spread(values: list[float]) -> float:
@@ -56,6 +59,7 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
     """
     from echo.evaluate import evaluate_dataset
     from echo.model import load_model
+    from echo.viz import plot_ablation
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -90,6 +94,9 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
                 f"{k} {row[k] * 100:.2f}%" for k, _ in COLUMNS if k in row), flush=True)
     _write_table(raw, base, Path(results_path), config, seeds, {s: len(datasets[s]) for s in ("dev", "test")})
     Path(results_path).with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    plot_ablation({f"({v}) {VARIANTS[v][0]}": rows for v, rows in raw.items()},
+                  PLOT_METRICS,
+                  Path(results_path).with_suffix(".png"))
     return raw
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -36,6 +37,7 @@ ROPE_FIGSIZE = (15.0, 10.0)  # inches -> 1500 x 1000 px
 ATTN_CELL_INCHES = 2.5  # each head/layer panel; grid of H x L panels -> 250*H x 250*L px
 CURVES_FIGSIZE = (12.0, 4.5)  # inches -> 1200 x 450 px
 CURVE_TAGS = ("dev/cer", "train/att_loss")  # what ``curves`` draws, one panel each
+ABLATION_FIGSIZE = (10.0, 4.5)  # inches -> 1000 x 450 px
 
 
 class Features(NamedTuple):
@@ -259,6 +261,30 @@ def plot_curves(runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], out_p
         ax.set_ylabel("dev CER (%)" if tag == "dev/cer" else f"{tag} (mean of {smooth_window} logs)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
+def plot_ablation(runs: dict[str, list[dict[str, float]]], metrics: Sequence[tuple[str, str]],
+                  out_path: str | Path) -> None:
+    """Grouped bars: for each variant (``{label: [row per seed]}``), the seed mean of every
+    ``(key, name)`` metric (fractions, drawn in %), each seed's value as a dot on its bar."""
+    if not runs:
+        raise ValueError("plot_ablation needs at least one variant")
+    plt = _pyplot()
+    fig, ax = plt.subplots(dpi=DPI, figsize=ABLATION_FIGSIZE)
+    width = 0.8 / len(metrics)
+    centers = np.arange(len(runs))
+    for m, (key, name) in enumerate(metrics):
+        x = centers + (m - (len(metrics) - 1) / 2) * width
+        seeds = [[100 * r[key] for r in rows if key in r] for rows in runs.values()]
+        ax.bar(x, [np.mean(v) if v else np.nan for v in seeds], width, label=name, alpha=0.8)
+        for xi, values in zip(x, seeds, strict=True):
+            ax.plot([xi] * len(values), values, "k.", markersize=4)
+    ax.set_xticks(centers, [textwrap.fill(label, 20) for label in runs], fontsize=8)
+    ax.set_ylabel("%")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out_path)
 

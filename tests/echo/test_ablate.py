@@ -44,3 +44,22 @@ def test_table_reports_mean_and_spread_of_every_column(tmp_path):
     # mean 15% and sample std 7.07% of 10% and 20%, in every score column
     assert row.count("15.00 ± 7.07") == len(COLUMNS)
     assert row.endswith("| 2000 | 5.5 |")
+
+
+def test_ablation_trains_scores_and_writes_table_json_and_plot(tmp_path):
+    import json
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "model": {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ffn_dim": 64, "backend": "chunked"},
+        "train": {"batch_size": 8, "warmup_steps": 1, "max_steps": 2, "eval_every": 0, "ckpt_every": 0,
+                  "threads": 1},
+        "data": {"synthetic": True, "synthetic_size": 16},
+    }))
+    results = tmp_path / "ablation.md"
+    raw = run_ablation(config, seeds=1, variants="af", out_dir=tmp_path / "runs", results_path=results,
+                       quiet=True, eval_max_utts=2)
+    assert set(raw) == {"a", "f"} and all(len(rows) == 1 and rows[0]["steps"] == 2 for rows in raw.values())
+    assert json.loads(results.with_suffix(".json").read_text()) == raw
+    assert results.with_suffix(".png").stat().st_size > 5_000
+    assert sum(line.startswith("| (") for line in results.read_text().splitlines()) == 2

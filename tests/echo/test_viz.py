@@ -125,3 +125,14 @@ def test_smooth_is_a_trailing_mean() -> None:
     x = np.array([1.0, 3.0, 5.0, 7.0])
     assert np.allclose(viz.smooth(x, 2), [1.0, 2.0, 4.0, 6.0])
     assert np.allclose(viz.smooth(x, 1), x)
+
+
+def test_ablation_plot_draws_every_variant(tmp_path) -> None:
+    rows = [{"test_cer": 0.2, "test_ctc_cer": 0.3}, {"test_cer": 0.25}]  # a seed may lack a score
+    out = tmp_path / "ablation.png"
+    viz.plot_ablation({"(a) plain": rows, "(b) a much longer variant name that wraps": rows},
+                      [("test_cer", "CER"), ("test_ctc_cer", "CTC CER")], out)
+    assert out.stat().st_size > 5_000
+    assert Image.open(out).size == tuple(int(x * viz.DPI) for x in viz.ABLATION_FIGSIZE)
+    with pytest.raises(ValueError, match="at least one variant"):
+        viz.plot_ablation({}, [("test_cer", "CER")], out)
