@@ -1,6 +1,6 @@
 """echo-kernels: fused pitch-aware rotary attention (vRoPE + pitch bias) for Echo.
 
-The contract every backend computes is in docs/contract.md.
+What every backend computes (the contract, in the project's words) is in docs/attention.md.
 """
 
 from .dispatch import backends
