@@ -20,11 +20,15 @@ from echo.ngram import NgramLM
 from echo.text import CharTokenizer
 
 
-def _max_len(model: Echo, enc_lengths: Tensor, max_len: int | None) -> int:
-    # A token never takes less than 20 ms in this data (one encoder frame at subsample 2), so the
-    # encoder length bounds the output and stops a looping hypothesis early.
-    limit = -(-int(enc_lengths.max()) * model.cfg.subsample // 2) + 2
-    return min(limit, max_len or model.cfg.max_decode_len)
+def _length_limits(model: Echo, enc_lengths: Tensor, max_len: int | None) -> Tensor:
+    """Most decoding steps per utterance ``[B]`` (tokens plus ``<eos>``), the same in every search.
+
+    A token never takes less than 20 ms in this data (two mel frames), so the audio's length bounds
+    the output and stops a looping hypothesis early; per utterance, so that an utterance decodes
+    the same alone or in a batch.
+    """
+    limits = -(-enc_lengths * model.cfg.subsample // 2) + 2
+    return limits.clamp(max=max_len or model.cfg.max_decode_len)
 
 
 @torch.no_grad()
@@ -41,9 +45,8 @@ def greedy_decode(
     enc = model.encode(mel, mel_lengths, f0 if cfg.pitch else None)
     batch = mel.shape[0]
     device = mel.device
-    steps = _max_len(model, enc.lengths, max_len)
-    # Per-utterance limits, so an utterance decodes the same alone (as in beam search) or in a batch.
-    limits = (enc.lengths + 2).clamp(max=steps)
+    limits = _length_limits(model, enc.lengths, max_len)
+    steps = int(limits.max())
     tokens = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=device)
     token_f0 = torch.zeros(batch, 1, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -107,7 +110,7 @@ def beam_search(
     results = []
     for b in range(mel.shape[0]):
         enc = _select(enc_all, torch.full((beam,), b, device=mel.device, dtype=torch.long))
-        steps = _max_len(model, enc.lengths[:1], max_len)
+        steps = int(_length_limits(model, enc.lengths[:1], max_len)[0])
         cache = model.init_cache(enc)
         scorer = ctc_state = None
         if ctc_log_probs is not None:

@@ -518,8 +518,12 @@ class Echo(nn.Module):
             token_f0 = torch.cat([enc.stats.mean[:, None] * enc.stats.has_voiced[:, None], token_f0[:, 1:]], 1)
         return token_features(token_f0, enc.stats, self.cfg, start=start, lengths=lengths)
 
-    def _cross_features(self, batch: int, tq: int, tk: int, device: torch.device) -> tuple[PitchFeatures, PitchFeatures]:
-        return plain_features(batch, tq, self.cfg.theta, device), plain_features(batch, tk, self.cfg.theta, device)
+    def _cross_features(self, batch: int, tq: int, tk: int, device: torch.device, *, start: int = 0
+                        ) -> tuple[PitchFeatures, PitchFeatures]:
+        """Cross-attention features: queries at token positions ``start..`` (they matter with
+        ``cross_rotary``), keys at encoder frames ``0..tk - 1``."""
+        return (plain_features(batch, tq, self.cfg.theta, device, start=start),
+                plain_features(batch, tk, self.cfg.theta, device))
 
     def decode(
         self, tokens: Tensor, token_lengths: Tensor | None, enc: EncoderOutput, token_f0: Tensor | None = None,
@@ -580,7 +584,7 @@ class Echo(nn.Module):
             f0_col = torch.zeros_like(f0_col)  # replaced by the utterance mean in _decoder_base_features
         new = self._decoder_base_features(f0_col, enc, batch, 1, t)
         feats = new if cache["feats"] is None else PitchFeatures(*(torch.cat(p, 1) for p in zip(cache["feats"], new)))
-        cq, ck = self._cross_features(batch, 1, enc.states.shape[1], x.device)
+        cq, ck = self._cross_features(batch, 1, enc.states.shape[1], x.device, start=t)
         cross_w = None
         for n, block in enumerate(self.decoder):
             h = block.norm1(x)

@@ -28,8 +28,9 @@ def _setup(seed=0, **kw):
     return m, mel, ml, f0
 
 
-def test_cached_steps_match_full_decoder():
-    m, mel, ml, f0 = _setup()
+@pytest.mark.parametrize("cross_rotary", [False, True])
+def test_cached_steps_match_full_decoder(cross_rotary):
+    m, mel, ml, f0 = _setup(cross_rotary=cross_rotary)
     with torch.no_grad():
         enc = m.encode(mel, ml, f0)
         tokens = torch.randint(3, 42, (3, 7))
@@ -61,6 +62,19 @@ def test_beam_one_is_greedy_and_batching_is_consistent():
     alone = [greedy_decode(m, mel[i:i + 1, : int(ml[i])], ml[i:i + 1], f0[i:i + 1, : int(ml[i])])[0]
              for i in range(3)]
     assert alone == greedy
+
+
+def test_greedy_and_beam_one_stop_a_looping_decoder_at_the_same_length():
+    # subsample 3: one encoder frame is 30 ms, the length bound counts 20 ms per token.
+    m, mel, ml, f0 = _setup(seed=2, subsample=3, max_decode_len=200)
+    with torch.no_grad():
+        m.embed.weight[m.cfg.eos_id] = -10.0 * m.embed.weight[m.cfg.eos_id].sign()  # <eos> seldom wins
+    greedy = greedy_decode(m, mel, ml, f0)
+    assert beam_search(m, mel, ml, f0, beam=1) == greedy
+    enc_lengths = m.encode(mel, ml, f0).lengths
+    limits = (-(-enc_lengths * 3 // 2) + 2).tolist()
+    assert all(len(x) <= n for x, n in zip(greedy, limits))
+    assert sum(len(x) == n for x, n in zip(greedy, limits)) >= 2  # looped until the bound
 
 
 def test_beam_search_finds_at_least_greedy_score():
