@@ -46,6 +46,11 @@ PLOT_METRICS = (("test_joint_cer", "test CER, joint search"), ("test_att_cer", "
                 ("test_ctc_cer", "test CER, greedy CTC"))
 
 
+def _label(v: str) -> str:
+    """A variant as the table and the plot name it: "(a) plain RoPE, no bias"."""
+    return f"({v}) {VARIANTS[v][0]}"
+
+
 def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -90,13 +95,11 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
                     tag = f"{split}_{DECODER_TAGS[decoder]}"
                     row[f"{tag}_wer"], row[f"{tag}_cer"] = m["wer"], m["cer"]
             raw[v].append(row)
-            print(f"[{v}] {VARIANTS[v][0]} seed {seed}: " + ", ".join(
+            print(f"{_label(v)} seed {seed}: " + ", ".join(
                 f"{k} {row[k] * 100:.2f}%" for k, _ in COLUMNS if k in row), flush=True)
     _write_table(raw, base, Path(results_path), config, seeds, {s: len(datasets[s]) for s in ("dev", "test")})
     Path(results_path).with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    plot_ablation({f"({v}) {VARIANTS[v][0]}": rows for v, rows in raw.items()},
-                  PLOT_METRICS,
-                  Path(results_path).with_suffix(".png"))
+    plot_ablation({_label(v): rows for v, rows in raw.items()}, PLOT_METRICS, Path(results_path).with_suffix(".png"))
     return raw
 
 
@@ -123,7 +126,7 @@ def _write_table(raw: dict[str, list[dict[str, float]]], base: Any, path: Path, 
             cells.append(f"{statistics.mean(vals):.2f} ± {_spread(vals):.2f}" if vals else "–")
         steps = statistics.mean(r["steps"] for r in rows)
         minutes = statistics.mean(r["minutes"] for r in rows)
-        lines.append(f"| ({v}) {VARIANTS[v][0]} | " + " | ".join(cells) + f" | {steps:.0f} | {minutes:.1f} |")
+        lines.append(f"| {_label(v)} | " + " | ".join(cells) + f" | {steps:.0f} | {minutes:.1f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
