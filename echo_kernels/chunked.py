@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .features import PitchFeatures
-from .reference import rotation_angles, zero_padding
+from .reference import neutral_padding, rotation_angles, zero_padding
 
 NAME = "chunked"
 KEY_BLOCK = 128
@@ -169,6 +169,7 @@ def _key_blocks(tk: int):
 def forward(q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale):
     """Returns ``(out [B, H, Tq, D] q.dtype, lse [B, H, Tq] stat dtype, -inf on empty rows)``."""
     q, k, v = zero_padding(q, q_lengths), zero_padding(k, k_lengths), zero_padding(v, k_lengths)
+    fq, fk = neutral_padding(fq, q_lengths), neutral_padding(fk, k_lengths)
     groups = q.shape[1] // k.shape[1]
     stat = fq.pos.dtype
     qs = rotate(q, fq).split.to(q.dtype)
@@ -211,6 +212,7 @@ def _delta_from_probabilities(score_args, mask_args, lse_safe, do, vx) -> Tensor
 def backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale) -> Grads:
     """Gradients of every differentiable input (see ``Grads``), in stat dtype except dq/dk/dv."""
     q, k, v = zero_padding(q, q_lengths), zero_padding(k, k_lengths), zero_padding(v, k_lengths)
+    fq, fk = neutral_padding(fq, q_lengths), neutral_padding(fk, k_lengths)
     dout = zero_padding(dout, q_lengths)
     groups = q.shape[1] // k.shape[1]
     stat = fq.pos.dtype

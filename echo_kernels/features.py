@@ -80,6 +80,19 @@ def check_f0(f0: Tensor, name: str = "f0") -> None:
         raise ValueError(f"{name} must be >= 0 Hz (0 marks an unvoiced frame); found a negative value")
 
 
+def check_feature_options(theta: float, theta_mode: str, radius_mode: str) -> None:
+    """Raise unless ``theta`` is a finite float > 0 and both modes are known ones."""
+    if theta_mode not in THETA_MODES:
+        raise ValueError(f"theta_mode must be one of {THETA_MODES}, got {theta_mode!r}")
+    if radius_mode not in RADIUS_MODES:
+        raise ValueError(f"radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise TypeError(f"theta must be a float > 0 (the rotary base), got {type(theta).__name__}")
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be symbolic.
+    if not 0 < theta < math.inf:
+        raise ValueError(f"theta must be a finite float > 0 (the rotary base), got {theta}")
+
+
 def pitch_features(
     f0: Tensor,
     *,
@@ -105,16 +118,59 @@ def pitch_features(
         ``PitchFeatures`` of ``[B, T]`` tensors of ``dtype`` on f0's device.
     """
     check_f0(f0)
-    if theta_mode not in THETA_MODES:
-        raise ValueError(f"theta_mode must be one of {THETA_MODES}, got {theta_mode!r}")
-    if radius_mode not in RADIUS_MODES:
-        raise ValueError(f"radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
-    if not float(theta) > 0:
-        raise ValueError(f"theta must be > 0, got {theta}")
+    check_feature_options(theta, theta_mode, radius_mode)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     batch, length = f0.shape
-    device = f0.device
     if lengths is not None:
         check_lengths(lengths, batch, length, "lengths")
+    if positions is not None:
+        if not isinstance(positions, Tensor):
+            raise TypeError(f"positions must be a torch.Tensor [B, T] or None, got {type(positions).__name__}")
+        if positions.shape != f0.shape:
+            raise ValueError(
+                f"positions must have the shape of f0 {tuple(f0.shape)}, got {tuple(positions.shape)}"
+            )
+    return _features_from_f0(f0, lengths, theta, theta_mode, radius_mode, positions, dtype)
+
+
+def side_features(
+    f0: Tensor | None,
+    batch: int,
+    length: int,
+    *,
+    lengths: Tensor | None,
+    name: str,
+    theta: float,
+    theta_mode: str,
+    radius_mode: str,
+    dtype: torch.dtype,
+    device,
+) -> PitchFeatures:
+    """The features of one side of an attention call: from ``f0`` (errors name it ``name``),
+    or the defaults when there is no f0. ``lengths`` and the options are already checked."""
+    if f0 is None:
+        return default_features(batch, length, theta=theta, device=device, dtype=dtype)
+    check_f0(f0, name)
+    if f0.shape != (batch, length):
+        raise ValueError(f"{name} must have shape [{batch}, {length}], got {tuple(f0.shape)}")
+    if f0.device != device:
+        raise ValueError(f"{name} must be on {device} like the attention inputs, got {f0.device}")
+    return _features_from_f0(f0, lengths, theta, theta_mode, radius_mode, None, dtype)
+
+
+def _features_from_f0(
+    f0: Tensor,
+    lengths: Tensor | None,
+    theta: float,
+    theta_mode: str,
+    radius_mode: str,
+    positions: Tensor | None,
+    dtype: torch.dtype,
+) -> PitchFeatures:
+    """``pitch_features`` on checked arguments."""
+    batch, length = f0.shape
+    device = f0.device
     f0 = f0.to(dtype)
 
     valid = valid_mask(lengths, batch, length, device)
@@ -124,8 +180,12 @@ def pitch_features(
     any_voiced = count > 0
     mu = (f0 * voiced).sum(dim=1, keepdim=True) / count.clamp(min=1)
     var = (((f0 - mu) * voiced) ** 2).sum(dim=1, keepdim=True) / count.clamp(min=1)
-    # The population std of fewer than two voiced frames says nothing: use 1.
-    sigma = torch.where(count >= 2, var.clamp(min=0).sqrt(), torch.ones_like(var))
+    # The population std of fewer than two voiced frames says nothing: use 1. sqrt is only
+    # taken of a positive variance: at 0 (one voiced frame, none, or a constant f0) its
+    # derivative is infinite, and inf * 0 from the branch not taken would make d/df0 NaN.
+    has_spread = (count >= 2) & (var > 0)
+    spread = torch.where(has_spread, var, torch.ones_like(var)).sqrt()
+    sigma = torch.where(has_spread, spread, torch.where(count >= 2, torch.zeros_like(var), torch.ones_like(var)))
     pitch = torch.where(voiced_mask, (f0 - mu) / (sigma + PITCH_EPS), torch.zeros_like(f0))
 
     log_theta_fixed = torch.full_like(f0, math.log(theta))
@@ -149,10 +209,6 @@ def pitch_features(
     if positions is None:
         pos = torch.arange(length, device=device, dtype=dtype).expand(batch, length).contiguous()
     else:
-        if positions.shape != f0.shape:
-            raise ValueError(
-                f"positions must have the shape of f0 {tuple(f0.shape)}, got {tuple(positions.shape)}"
-            )
         pos = positions.to(device=device, dtype=dtype)
     return PitchFeatures(pos=pos, log_theta=log_theta, radius=radius, pitch=pitch, voiced=voiced)
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import BACKENDS, choose_backend
-from .features import PitchFeatures, check_lengths, default_features, pitch_features
+from .features import PitchFeatures, check_feature_options, check_lengths, side_features
 from .reference import BIAS_KINDS, reference_attention
 
 QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -71,16 +71,10 @@ def _resolve_lengths(lengths: Tensor | None, batch: int, length: int, name: str,
 def _side_features(features, f0, batch, length, lengths, name, dtype, device, feature_args) -> PitchFeatures:
     if features is not None:
         return _check_features(features, batch, length, name, dtype, device)
-    if f0 is not None:
-        f0_name = "f0" if name == "features" else "f0_k"
-        if not isinstance(f0, Tensor):
-            raise TypeError(f"{f0_name} must be a torch.Tensor [B, T] in Hz, got {type(f0).__name__}")
-        if f0.shape != (batch, length):
-            raise ValueError(f"{f0_name} must have shape [{batch}, {length}], got {tuple(f0.shape)}")
-        if f0.device != device:
-            raise ValueError(f"{f0_name} must be on {device} like q, got {f0.device}")
-        return pitch_features(f0, lengths=lengths, dtype=dtype, **feature_args)
-    return default_features(batch, length, theta=feature_args["theta"], device=device, dtype=dtype)
+    f0_name = "f0" if name == "features" else "f0_k"
+    return side_features(
+        f0, batch, length, lengths=lengths, name=f0_name, dtype=dtype, device=device, **feature_args
+    )
 
 
 def _resolve_alpha(alpha, heads: int, dtype, device) -> Tensor:
@@ -158,6 +152,7 @@ def rope_attention(
         raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_feature_options(theta, theta_mode, radius_mode)
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
     device = q.device

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .features import PitchFeatures, default_features, pitch_features
+from .dispatch import BACKENDS
+from .features import PitchFeatures, check_feature_options, check_lengths, side_features
 from .interface import rope_attention
 from .reference import BIAS_KINDS
 
@@ -56,6 +57,9 @@ class RopeAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if bias not in BIAS_KINDS:
             raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
+        check_feature_options(theta, theta_mode, radius_mode)
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.bias, self.theta, self.theta_mode, self.radius_mode = bias, theta, theta_mode, radius_mode
         self.cross, self.backend, self.rotary = cross, backend, rotary
@@ -76,15 +80,14 @@ class RopeAttention(nn.Module):
         """The positive bias sharpness, ``softplus(beta_raw)``."""
         return F.softplus(self.beta_raw)
 
-    def features(self, f0: Tensor | None, batch: int, length: int, lengths: Tensor | None, dtype, device) -> PitchFeatures:
-        """The per-token features this layer uses for one side, offset applied."""
-        if f0 is None:
-            feats = default_features(batch, length, theta=self.theta, device=device, dtype=dtype)
-        else:
-            feats = pitch_features(
-                f0, lengths=lengths, theta=self.theta, theta_mode=self.theta_mode,
-                radius_mode=self.radius_mode, dtype=dtype,
-            )
+    def features(
+        self, f0: Tensor | None, batch: int, length: int, lengths: Tensor | None, dtype, device, name: str = "f0"
+    ) -> PitchFeatures:
+        """The per-token features this layer uses for one side (f0 named ``name`` in errors), offset applied."""
+        feats = side_features(
+            f0, batch, length, lengths=lengths, name=name, theta=self.theta, theta_mode=self.theta_mode,
+            radius_mode=self.radius_mode, dtype=dtype, device=device,
+        )
         if not self.rotary:
             feats = feats._replace(pos=torch.zeros_like(feats.pos))
         return feats._replace(log_theta=feats.log_theta + self.log_theta_offset.to(dtype))
@@ -115,13 +118,17 @@ class RopeAttention(nn.Module):
         if source.dim() != 3 or source.shape[-1] != self.dim or source.shape[0] != x.shape[0]:
             raise ValueError(f"context must have shape [{x.shape[0]}, S, {self.dim}], got {tuple(source.shape)}")
         batch, length, _ = x.shape
+        if lengths is not None:
+            check_lengths(lengths, batch, length, "lengths")
+        if self.cross and context_lengths is not None:
+            check_lengths(context_lengths, batch, source.shape[1], "context_lengths")
         q = self._heads(self.q_proj(x), self.num_heads)
         k = self._heads(self.k_proj(source), self.num_kv_heads)
         v = self._heads(self.v_proj(source), self.num_kv_heads)
         stat = torch.float64 if q.dtype == torch.float64 else torch.float32
         fq = self.features(f0, batch, length, lengths, stat, x.device)
         if self.cross:
-            fk = self.features(f0_context, batch, source.shape[1], context_lengths, stat, x.device)
+            fk = self.features(f0_context, batch, source.shape[1], context_lengths, stat, x.device, "f0_context")
             k_lengths = context_lengths
         else:
             fk, k_lengths = fq, lengths

@@ -77,6 +77,23 @@ def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
     return x.masked_fill(~valid[:, None, :, None], 0)
 
 
+def neutral_padding(feats: PitchFeatures, lengths: Tensor) -> PitchFeatures:
+    """``feats`` with every token at or past its length at position 0, base 1, radius 1, unvoiced.
+
+    Like the padding of q, k and v (see ``zero_padding``), the padding's features may hold
+    anything: a rotation by an inf or NaN angle of a zeroed token is still NaN, and would reach
+    valid tokens' gradients through products with masked-out probabilities.
+    """
+    pad = torch.arange(feats.pos.shape[1], device=feats.pos.device) >= lengths.to(feats.pos.device)[:, None]
+    return PitchFeatures(
+        pos=feats.pos.masked_fill(pad, 0),
+        log_theta=feats.log_theta.masked_fill(pad, 0),
+        radius=feats.radius.masked_fill(pad, 1),
+        pitch=feats.pitch.masked_fill(pad, 0),
+        voiced=feats.voiced.masked_fill(pad, 0),
+    )
+
+
 def masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
     """Softmax over the last dim of float scores; rows with no allowed key give exactly 0.
 
@@ -114,6 +131,7 @@ def reference_attention(
     heads, kv_heads = q.shape[1], k.shape[1]
     stat_dtype = fq.pos.dtype
     q, k, v = zero_padding(q, q_lengths), zero_padding(k, k_lengths), zero_padding(v, k_lengths)
+    fq, fk = neutral_padding(fq, q_lengths), neutral_padding(fk, k_lengths)
     qr = _rotate_complex(q, fq)
     kr = _rotate_complex(k, fk).repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)

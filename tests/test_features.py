@@ -81,8 +81,40 @@ def test_custom_positions_and_float32_default():
         (torch.tensor([[100.0]]), {"lengths": torch.tensor([2])}, ValueError, "lengths"),
         (torch.tensor([[100.0]]), {"lengths": torch.tensor([1.0])}, TypeError, "lengths"),
         (torch.tensor([[100.0]]), {"positions": torch.zeros(1, 2)}, ValueError, "positions"),
+        (torch.tensor([[100.0]]), {"positions": [[0.0]]}, TypeError, "positions must be a torch.Tensor"),
+        (torch.tensor([[100.0]]), {"dtype": torch.int64}, TypeError, "dtype must be"),
     ],
 )
 def test_bad_f0_arguments(f0, kwargs, error, match):
     with pytest.raises(error, match=match):
         ek.pitch_features(f0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "f0",
+    [
+        [[0.0, 0.0, 0.0, 0.0]],  # unvoiced: sigma = 1 by rule
+        [[0.0, 130.0, 0.0, 0.0]],  # one voiced frame: sigma = 1 by rule
+        [[120.0, 0.0, 120.0, 120.0]],  # constant voiced f0: sigma = 0
+        [[0.0, 120.0, 150.0, 180.0]],
+    ],
+)
+@pytest.mark.parametrize("theta_mode", ["f0", "mean_f0", "f0_offset"])
+def test_f0_gradient_is_finite_where_sigma_has_no_spread(f0, theta_mode):
+    # sqrt at a zero variance has an infinite derivative; the branch torch.where does not take
+    # must not turn it into NaN (an unvoiced utterance is the spec's own corner case).
+    f0 = torch.tensor(f0, dtype=torch.float64, requires_grad=True)
+    feats = ek.pitch_features(f0, theta_mode=theta_mode, dtype=torch.float64)
+    loss = sum((t * torch.linspace(0.5, 2.0, 4, dtype=torch.float64)).sum() for t in (feats.pitch, feats.log_theta, feats.radius))
+    (grad,) = torch.autograd.grad(loss, f0)
+    assert torch.isfinite(grad).all(), grad
+
+
+def test_f0_gradient_matches_finite_differences_with_spread():
+    # All voiced: gradcheck nudges every frame both ways, and f0 < 0 is refused.
+    f0 = torch.tensor([[120.0, 150.0, 185.0, 140.0]], dtype=torch.float64, requires_grad=True)
+
+    def pitch_of(x):
+        return ek.pitch_features(x, dtype=torch.float64).pitch
+
+    assert torch.autograd.gradcheck(pitch_of, (f0,))

@@ -161,11 +161,20 @@ def _padding_case(device: str, dtype: torch.dtype):
     return clean, poisoned, ql.to(device), kl.to(device), f0.to(device)
 
 
-def _padding_run(backend, tensors, ql, kl, f0):
-    """out, then the gradients of q, k, v and of the learned features of both sides."""
+def _nan_past(features: ek.PitchFeatures, lengths) -> ek.PitchFeatures:
+    """``features`` with NaN in every field at the tokens past ``lengths``."""
+    pad = torch.arange(features.pos.shape[1], device=lengths.device) >= lengths[:, None]
+    return ek.PitchFeatures(*(t.masked_fill(pad, float("nan")) for t in features))
+
+
+def _padding_run(backend, tensors, ql, kl, f0, poison_features=False):
+    """out, then the gradients of q, k, v and of the learned features of both sides
+    (``poison_features``: the features' padding holds NaN too)."""
     q, k, v, dout = (x.clone().requires_grad_(x is not tensors[3]) for x in tensors)
-    fq = learnable(ek.pitch_features(f0, lengths=ql))
-    fk = learnable(ek.pitch_features(f0, lengths=kl))
+    fq, fk = ek.pitch_features(f0, lengths=ql), ek.pitch_features(f0, lengths=kl)
+    if poison_features:
+        fq, fk = _nan_past(fq, ql), _nan_past(fk, kl)
+    fq, fk = learnable(fq), learnable(fk)
     out = ek.rope_attention(q, k, v, features=fq, features_k=fk, bias="exp", causal=True, q_lengths=ql,
                             k_lengths=kl, backend=backend)
     out.backward(dout)
@@ -186,8 +195,9 @@ PADDING_BACKENDS = [
 
 @pytest.mark.parametrize("backend, device, dtype, kernels", PADDING_BACKENDS)
 def test_nan_in_padding_changes_nothing(backend, device, dtype, kernels, monkeypatch):
-    """The contract ignores tokens past the lengths: NaN there (torch.empty padding) must not reach any
-    result, the feature gradients included. ``kernels``: the CUDA backend's kernel generation."""
+    """The contract ignores tokens past the lengths: NaN there (torch.empty padding, in q, k, v, dout
+    and every feature) must not reach any result, the feature gradients included. ``kernels``: the
+    CUDA backend's kernel generation."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if kernels is not None:
@@ -197,7 +207,7 @@ def test_nan_in_padding_changes_nothing(backend, device, dtype, kernels, monkeyp
         pytest.skip(reason)
     clean, poisoned, ql, kl, f0 = _padding_case(device, dtype)
     want = _padding_run(backend, clean, ql, kl, f0)
-    got = _padding_run(backend, poisoned, ql, kl, f0)
+    got = _padding_run(backend, poisoned, ql, kl, f0, poison_features=True)
     names = ("out", "dq", "dk", "dv", *(f"d{name}_{side}" for side in "qk" for name in LEARNED_FEATURES))
     assert len(names) == len(want) == len(got)
     for name, w, g in zip(names, want, got):

@@ -45,6 +45,14 @@ BAD = {
     "unknown backend": ({"backend": "fast"}, ValueError, "backend must be one of"),
     "unknown theta_mode": ({"f0": torch.ones(2, 5) * 100, "theta_mode": "log"}, ValueError, "theta_mode"),
     "unknown radius_mode": ({"f0": torch.ones(2, 5) * 100, "radius_mode": "x"}, ValueError, "radius_mode"),
+    # Checked whether or not f0 is given (without f0 they used to be ignored or fail in math.log).
+    "theta_mode without f0": ({"theta_mode": "log"}, ValueError, "theta_mode must be one of"),
+    "radius_mode without f0": ({"radius_mode": "x"}, ValueError, "radius_mode must be one of"),
+    "theta zero": ({"theta": 0.0}, ValueError, "theta must be a finite float > 0"),
+    "theta inf": ({"f0": torch.ones(2, 5) * 100, "theta": float("inf")}, ValueError, "theta must be a finite"),
+    "theta type": ({"theta": "1e4"}, TypeError, "theta must be a float"),
+    "f0_k negative": ({"f0_k": -torch.ones(2, 6)}, ValueError, "f0_k must be >= 0"),
+    "f0_k nan": ({"f0_k": torch.full((2, 6), float("nan"))}, ValueError, "f0_k must be finite"),
     "alpha shape": ({"alpha": torch.ones(2)}, ValueError, r"alpha must have shape \[4\]"),
     "alpha type": ({"alpha": [1.0] * 4}, TypeError, "alpha must be a tensor"),
     "beta negative": ({"beta": -1.0}, ValueError, "beta must be a positive"),
@@ -81,6 +89,10 @@ def test_float64_features_with_float32_q_rejected_but_float64_works():
         ({"dim": 12, "num_heads": 4}, "must be even"),
         ({"dim": 16, "num_heads": 4, "num_kv_heads": 3}, "multiple of num_kv_heads"),
         ({"dim": 16, "num_heads": 4, "bias": "cos"}, "bias must be"),
+        ({"dim": 16, "num_heads": 4, "theta_mode": "log"}, "theta_mode must be one of"),
+        ({"dim": 16, "num_heads": 4, "radius_mode": "x"}, "radius_mode must be one of"),
+        ({"dim": 16, "num_heads": 4, "theta": -1.0}, "theta must be a finite float > 0"),
+        ({"dim": 16, "num_heads": 4, "backend": "fast"}, "backend must be one of"),
     ],
 )
 def test_module_rejects_bad_config(kwargs, match):
@@ -99,3 +111,11 @@ def test_module_rejects_bad_calls():
         self_attn(x, context=x)
     with pytest.raises(ValueError, match="context must have shape"):
         cross_attn(x, context=torch.randn(3, 4, 16))
+    with pytest.raises(ValueError, match=r"f0 must have shape \[2, 5\]"):
+        self_attn(x, torch.full((2, 4), 100.0))
+    with pytest.raises(ValueError, match=r"f0_context must have shape \[2, 4\]"):
+        cross_attn(x, context=torch.randn(2, 4, 16), f0_context=torch.full((2, 5), 100.0))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        self_attn(x, lengths=torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="context_lengths must lie in"):
+        cross_attn(x, context=torch.randn(2, 4, 16), context_lengths=torch.tensor([5, 4]))

@@ -34,13 +34,16 @@ void check_features(const std::vector<at::Tensor>& f, int64_t batch, int64_t len
   }
 }
 
-// Whether beta max|pitch| <= kExpFactorLimit; a NaN pitch (padding may hold anything) fails it.
+// Whether beta |pitch| <= kExpFactorLimit at every token inside the lengths (pitch [B, T]).
+// The padding is never read: it may hold anything, and NaN there must not change the path.
 // (A loop, not abs().max(): at short lengths tensor ops are a visible part of a call.)
-bool factorisable(const at::Tensor& pitch, double beta) {
+bool factorisable(const at::Tensor& pitch, const std::vector<int64_t>& lengths, double beta) {
+  const int64_t T = pitch.size(1);
   return AT_DISPATCH_FLOATING_TYPES(pitch.scalar_type(), "vrope_factorisable", [&] {
     const scalar_t* p = pitch.data_ptr<scalar_t>();
-    for (int64_t i = 0, n = pitch.numel(); i < n; ++i)
-      if (!(beta * std::abs(static_cast<double>(p[i])) <= kExpFactorLimit)) return false;
+    for (int64_t b = 0; b < static_cast<int64_t>(lengths.size()); ++b)
+      for (int64_t t = 0; t < lengths[b]; ++t)
+        if (!(beta * std::abs(static_cast<double>(p[b * T + t])) <= kExpFactorLimit)) return false;
     return true;
   });
 }
@@ -88,12 +91,12 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   in.alpha = alpha.contiguous();
   in.beta = beta;
   in.beta_value = beta.item<double>();
-  in.beta_factors = bias == kBiasExp && in.beta_value >= 0 && factorisable(fq[3], in.beta_value) &&
-                            factorisable(fk[3], in.beta_value)
-                        ? in.beta_value
-                        : std::numeric_limits<double>::quiet_NaN();
   in.lq = read_lengths(q_lengths, B, Tq, "q_lengths");
   in.lk = read_lengths(k_lengths, B, Tk, "k_lengths");
+  in.beta_factors = bias == kBiasExp && in.beta_value >= 0 && factorisable(fq[3], in.lq, in.beta_value) &&
+                            factorisable(fk[3], in.lk, in.beta_value)
+                        ? in.beta_value
+                        : std::numeric_limits<double>::quiet_NaN();
   in.bias = bias;
   in.causal = causal;
   in.scale = scale;
