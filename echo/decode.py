@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from echo.ctc_prefix import CTCPrefixScorer
-from echo.model import Echo, EncoderOutput, load_model
+from echo.model import Echo, EchoConfig, EncoderOutput, load_model
 from echo.ngram import NgramLM
 from echo.text import CharTokenizer
 
@@ -57,6 +57,7 @@ def greedy_decode(
         else:
             all_logits, all_cross = model.decode(tokens, None, enc, token_f0, return_cross=True)
             logits, cross = all_logits[:, -1], all_cross[:, -1]
+        logits[:, never_emitted(cfg)] = float("-inf")
         nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, cfg.eos_id), nxt)
         est = model.estimate_token_f0(cross, enc)
@@ -66,6 +67,15 @@ def greedy_decode(
         if bool(done.all()):
             break
     return [_strip(row.tolist(), cfg.eos_id) for row in tokens[:, 1:]]
+
+
+def never_emitted(cfg: EchoConfig, *, ctc: bool = False) -> list[int]:
+    """Ids no search may emit because no training target holds them: ``<pad>``, ``<bos>`` and
+    ``<unk>`` (targets are normalised into the tokenizer's alphabet); for the CTC head ``<bos>``,
+    ``<eos>`` and ``<unk>`` (its targets are the bare tokens; ``<pad>`` is its blank)."""
+    if ctc:
+        return [cfg.bos_id, cfg.eos_id, cfg.unk_id]
+    return [cfg.pad_id, cfg.bos_id, cfg.unk_id]
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:
@@ -132,6 +142,7 @@ def beam_search(
                 step_scores = (1.0 - ctc_weight) * step_scores + ctc_weight * ctc_gain
             if lm is not None and lm_weight > 0:
                 step_scores = step_scores + lm_weight * lm.log_probs(seqs).to(step_scores.device)
+            step_scores[:, never_emitted(cfg)] = float("-inf")
             total = scores[:, None] + step_scores
             top_scores, top_index = total.view(-1).topk(min(2 * beam, total.numel()))
             rows, new_seqs, new_last, new_scores = [], [], [], []
@@ -184,7 +195,9 @@ def _ctc_log_probs(model: Echo, enc: EncoderOutput) -> Tensor:
 def ctc_greedy_decode(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None) -> list[list[int]]:
     """Best path of the encoder's CTC head: per-frame argmax, repeats merged, blanks (the pad id) dropped."""
     enc = model.encode(mel, mel_lengths, f0 if model.cfg.pitch else None)
-    best = _ctc_log_probs(model, enc).argmax(-1)
+    log_probs = _ctc_log_probs(model, enc)
+    log_probs[..., never_emitted(model.cfg, ctc=True)] = float("-inf")
+    best = log_probs.argmax(-1)
     result = []
     for path, length in zip(best.tolist(), enc.lengths.tolist()):
         ids, previous = [], None

@@ -21,19 +21,32 @@ from echo.text import CharTokenizer, normalize_text
 
 
 def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
-    """Corpus WER and CER of normalised texts (utterances with an empty reference are skipped,
-    since jiwer cannot score them)."""
+    """Corpus WER and CER of normalised texts: errors over all utterances / reference words
+    (characters). An utterance whose reference is empty adds no reference words, and every word
+    (character) of its hypothesis counts as an insertion."""
     pairs = [(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps, strict=True)]
-    pairs = [(r, h) for r, h in pairs if r]
-    if not pairs:
+    scored = [(r, h) for r, h in pairs if r]
+    if not scored:
         raise ValueError("no utterance with a non-empty reference to score")
-    r, h = [p[0] for p in pairs], [p[1] for p in pairs]
-    return {"wer": float(jiwer.wer(r, h)), "cer": float(jiwer.cer(r, h)), "utterances": len(pairs)}
+    r, h = [p[0] for p in scored], [p[1] for p in scored]
+    words, chars = jiwer.process_words(r, h), jiwer.process_characters(r, h)
+    extra = [h for r, h in pairs if not r and h]
+    return {
+        "wer": _error_rate(words, sum(len(x.split()) for x in extra)),
+        "cer": _error_rate(chars, sum(len(x) for x in extra)),
+        "utterances": len(pairs),
+    }
+
+
+def _error_rate(alignment: Any, insertions: int) -> float:
+    """(S + D + I + ``insertions``) / reference length of a jiwer alignment."""
+    errors = alignment.substitutions + alignment.deletions + alignment.insertions + insertions
+    return float(errors / (alignment.hits + alignment.substitutions + alignment.deletions))
 
 
 def score_groups(refs: list[str], hyps: list[str], groups: list[str]) -> dict[str, dict[str, float]]:
     """:func:`score` of each group of utterances (e.g. per speech engine), groups in sorted order;
-    a group whose references are all empty is left out."""
+    a group whose references are all empty (no error rate) is left out."""
     out = {}
     for name in sorted(set(groups)):
         members = [i for i, g in enumerate(groups) if g == name]

@@ -91,6 +91,7 @@ class EchoConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    unk_id: int = 3
 
     def __post_init__(self) -> None:
         ints = ("n_mels", "vocab_size", "d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_decode_len")
@@ -125,8 +126,9 @@ class EchoConfig:
             raise ValueError("dropout and label_smoothing must be in [0, 1)")
         if self.theta <= 0:
             raise ValueError(f"theta must be positive, got {self.theta}")
-        if len({self.pad_id, self.bos_id, self.eos_id}) != 3 or max(self.pad_id, self.bos_id, self.eos_id) >= self.vocab_size:
-            raise ValueError("pad_id, bos_id and eos_id must be distinct ids below vocab_size")
+        specials = (self.pad_id, self.bos_id, self.eos_id, self.unk_id)
+        if len(set(specials)) != 4 or min(specials) < 0 or max(specials) >= self.vocab_size:
+            raise ValueError("pad_id, bos_id, eos_id and unk_id must be distinct ids in [0, vocab_size)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EchoConfig:
@@ -699,7 +701,12 @@ class Echo(nn.Module):
 
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[Echo, Any]:
-    """Model (eval mode) and tokenizer from a training checkpoint written by ``echo.train``."""
+    """Model (eval mode) and tokenizer from a training checkpoint written by ``echo.train``.
+
+    The weights are the ones dev evaluation scores: the weight average when the checkpoint
+    holds one (``last.pt`` of a run with ``train.ema_decay`` > 0; ``best.pt`` stores it as its
+    model), else the trained weights.
+    """
     from echo.text import tokenizer_from_state
 
     ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -707,7 +714,7 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") 
         raise ValueError(f"{checkpoint_path} is not an Echo training checkpoint")
     cfg = EchoConfig.from_dict(ckpt["config"]["model"])
     model = Echo(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["ema"]["model"] if "ema" in ckpt else ckpt["model"])
     model.eval()
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     return model, tokenizer

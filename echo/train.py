@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -36,6 +35,7 @@ from echo.align import token_f0
 from echo.augment import AugmentConfig, augment_batch, step_generator
 from echo.data.dataset import Batch, Collator, Example, SpeechDataset
 from echo.decode import DECODERS
+from echo.files import atomic_save
 from echo.model import Echo, EchoConfig
 from echo.text import TOKENIZER_KINDS, BpeTokenizer, CharTokenizer, tokenizer_from_state
 
@@ -165,6 +165,10 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             raise ValueError(f"train.{name} must be positive, got {getattr(train, name)}")
     if train.lr <= 0 or train.warmup_steps < 0 or train.grad_clip < 0:
         raise ValueError("train.lr must be > 0, warmup_steps >= 0, grad_clip >= 0")
+    if train.eval_decoder != "attention" and model.ctc_weight == 0:
+        # Caught here, not at the first dev evaluation minutes into the run.
+        raise ValueError(f"train.eval_decoder {train.eval_decoder!r} needs the CTC head: set model.ctc_weight > 0 "
+                         "or train.eval_decoder to 'attention'")
     return RunConfig(model, train, _section(DataConfig, data.get("data"), "data"),
                      _section(AugmentConfig, data.get("augment"), "augment"))
 
@@ -332,23 +336,6 @@ def batch_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the target folder, fsync, then ``os.replace``: readers and
-    crashes only ever see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def rng_state() -> dict[str, Any]:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset
 
 from echo.align import token_f0
 from echo.audio import DEFAULT_CONFIG, FeatureConfig, compute_features, load_audio
+from echo.files import atomic_save
 from echo.text import CharTokenizer, normalize_text
 
 REQUIRED_FIELDS = ("audio", "text", "duration", "speaker", "engine")
@@ -112,17 +112,9 @@ def load_features(audio_path: str | Path, config: FeatureConfig = DEFAULT_CONFIG
         if _valid_entry(entry, key, config):
             return entry["mel"], entry["f0"]
     mel, f0 = compute_features(load_audio(audio_path, config.sample_rate), config)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Write to a temp file and rename: DataLoader workers may race on the same entry, and
-    # a reader must never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"key": key, "mel": mel, "f0": f0}, tmp)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Atomic: DataLoader workers may race on the same entry, and a reader must never see a
+    # half-written file. A lost entry is only a cache miss, so no fsync.
+    atomic_save({"key": key, "mel": mel, "f0": f0}, file, durable=False)
     return mel, f0
 
 

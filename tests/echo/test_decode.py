@@ -98,6 +98,32 @@ def test_beam_search_finds_at_least_greedy_score():
             assert logprob(b) >= logprob(g) - 1e-5
 
 
+def test_no_search_emits_a_token_that_no_target_holds():
+    # <pad>, <bos> and <unk> never occur in a target (<eos> never in a CTC target): even a model
+    # that puts them first must not emit them ("?" for <unk> would be scored as a word break).
+    m, mel, ml, f0 = _setup(seed=3)
+    cfg = m.cfg
+    step, ctc_forward = m.step, m.ctc_head.forward
+    loud = torch.zeros(cfg.vocab_size)
+
+    def loud_step(*args):
+        logits, cross = step(*args)
+        return logits + loud, cross
+
+    m.step = loud_step
+    m.ctc_head.forward = lambda states: ctc_forward(states) + loud
+    loud[[cfg.pad_id, cfg.bos_id, cfg.unk_id]] = 50.0
+    loud[cfg.eos_id] = -50.0  # else this untrained model's runner-up is <eos>, and the output empty
+    forbidden = {cfg.pad_id, cfg.bos_id, cfg.unk_id}
+    for out in (greedy_decode(m, mel, ml, f0), beam_search(m, mel, ml, f0, beam=3),
+                decode_batch(m, mel, ml, f0, decoder="joint", beam=2)):
+        assert any(out) and not any(forbidden & set(ids) for ids in out), out
+    loud.zero_()
+    loud[[cfg.bos_id, cfg.eos_id, cfg.unk_id]] = 50.0
+    out = decode_batch(m, mel, ml, f0, decoder="ctc")
+    assert any(out) and not any({cfg.bos_id, cfg.eos_id, cfg.unk_id} & set(ids) for ids in out), out
+
+
 def test_score_normalises_text():
     from echo.evaluate import score
 
@@ -106,13 +132,23 @@ def test_score_normalises_text():
     assert 0 < s["cer"] < 0.1
 
 
+def test_score_counts_words_said_over_an_empty_reference():
+    from echo.evaluate import score
+
+    s = score(["a b", "", "..."], ["a b", "lots of words", ""])
+    assert s == {"wer": 1.5, "cer": 13 / 3, "utterances": 3}
+    with pytest.raises(ValueError, match="non-empty reference"):
+        score(["", "?"], ["a", ""])
+
+
 def test_score_groups_scores_each_group_on_its_own():
     from echo.evaluate import score, score_groups
 
     refs, hyps = ["a b", "c d", "e f", "?!"], ["a b", "c x", "y z", "anything"]
     groups = score_groups(refs, hyps, ["flite", "espeak", "espeak", "flite"])
     assert list(groups) == ["espeak", "flite"]
-    assert groups["flite"] == {"wer": 0.0, "cer": 0.0, "utterances": 1}  # the empty reference is left out
+    # "?!" normalises to an empty reference: "anything" is one inserted word, eight characters.
+    assert groups["flite"] == {"wer": 0.5, "cer": 8 / 3, "utterances": 2}
     assert groups["espeak"] == score(refs[1:3], hyps[1:3]) and groups["espeak"]["wer"] == 0.75
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import echo.train as tr
-from echo.train import DistributedBucketSampler, atomic_save, config_from_dict, load_config, train
+from echo.files import atomic_save
+from echo.train import DistributedBucketSampler, config_from_dict, load_config, train
 
 AUGMENT = {"freq_masks": 2, "freq_width": 8, "time_masks": 2, "time_width": 0.1, "mel_warp": 0.1, "f0_scale": 0.1}
 
@@ -48,6 +49,31 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     ck = torch.load(path, weights_only=False)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_atomic_save_gives_an_ordinary_file_mode(tmp_path):
+    # mkstemp makes 0600 files: others could not read a checkpoint written through it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = tmp_path / "x.pt"
+    atomic_save({"w": torch.ones(2)}, path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    atomic_save({"w": torch.ones(2)}, path, durable=False)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_last_checkpoint_is_scored_with_the_weight_average(tmp_path):
+    # With no dev evaluation there is no best.pt; last.pt then stands in, and what is scored must
+    # be the average that evaluation would have used, not the raw weights.
+    from echo.model import load_model
+
+    train(_cfg(tmp_path, ema_decay=0.9), quiet=True)
+    path = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    model, _ = load_model(path)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ckpt["ema"]["model"].items())
+    assert any(not torch.equal(loaded[k], v) for k, v in ckpt["model"].items())
 
 
 @pytest.mark.parametrize("augment, extra", [(None, {}), (AUGMENT, {}), (None, {"ema_decay": 0.9})],
@@ -222,6 +248,9 @@ def test_bad_config_is_reported(tmp_path):
         config_from_dict({"train": {"eval_decoder": "beam"}})
     with pytest.raises(ValueError, match=r"train.ema_decay must be in \[0, 1\)"):
         config_from_dict({"train": {"ema_decay": 1.0}})
+    for decoder in ("joint", "ctc"):  # refused up front, not at the first dev evaluation
+        with pytest.raises(ValueError, match=f"train.eval_decoder '{decoder}' needs the CTC head"):
+            config_from_dict({"model": {"ctc_weight": 0.0}, "train": {"eval_decoder": decoder}})
     with pytest.raises(TypeError):
         config_from_dict({"model": [1, 2]})
     cfg_file = tmp_path / "c.yaml"
