@@ -65,7 +65,17 @@ def test_downsample_f0() -> None:
     out, lengths = downsample_f0(f0, torch.tensor([7, 3]))
     assert out.shape == (2, 4)  # (7 + 1) // 2
     assert torch.equal(lengths, torch.tensor([4, 2]))
-    assert torch.equal(out, torch.tensor([[100.0, 0, 250, 50], [85.0, 100, 0, 0]]))
+    # Windows {0}, {1, 2}, {3, 4}, {5, 6}: centred on frames 0, 2, 4, 6 up to half a frame.
+    assert torch.equal(out, torch.tensor([[100.0, 0, 200, 175], [80.0, 95, 0, 0]]))
+
+
+def test_downsample_f0_window_is_centred_on_the_conv_receptive_field() -> None:
+    # Stride 3: encoder frame k sees mel frames 3k - 2 .. 3k + 2 (two kernel-3 convolutions),
+    # so its f0 is the mean over 3k - 1 .. 3k + 1, not 3k .. 3k + 2 (10 ms late at 10 ms hops).
+    f0 = torch.tensor([[0.0, 0, 120, 150, 180, 200, 0, 0, 0]])
+    out, lengths = downsample_f0(f0, torch.tensor([9]), stride=3)
+    assert torch.equal(lengths, torch.tensor([3]))
+    assert torch.equal(out, torch.tensor([[0.0, 150, 200]]))
 
 
 def test_downsample_even_length_and_mask() -> None:
