@@ -69,17 +69,19 @@ def downsample_f0(f0: torch.Tensor, lengths: torch.Tensor, stride: int = 2
     ``[B, T]`` -> (``[B, ceil(T / stride)]`` float32, lengths ``ceil(L / stride)``): the
     output length of a kernel-3, padding-1 convolution of that stride (for stride 2,
     ``(T + 1) // 2``). Output frame k averages the voiced, valid input frames of the window
-    ``k*stride - stride//2 .. k*stride - stride//2 + stride - 1`` (the last frame also takes the
-    tail); 0 if none of them is voiced. The window is centred where the convolutions' receptive
+    ``k*stride - stride//2 .. k*stride - stride//2 + stride - 1`` (an utterance's last frame also
+    takes its tail); 0 if none of them is voiced. The window is centred where the convolutions' receptive
     field is, on input frame ``k*stride`` (half a frame early for even strides): a window starting
     there would pair each encoder frame with the f0 (stride - 1) / 2 frames later.
     """
-    bsz, t_max = f0.shape
+    t_max = f0.shape[1]
     t_out = (t_max + stride - 1) // stride
     lengths = lengths.to(f0.device).long()
     f0 = f0.float()
     voiced = lengths_to_mask(lengths, t_max) & (f0 > 0)
-    index = ((torch.arange(t_max, device=f0.device) + stride // 2) // stride).clamp(max=t_out - 1)
-    index = index.expand(bsz, t_max)
+    out_lengths = (lengths + stride - 1) // stride
+    index = (torch.arange(t_max, device=f0.device) + stride // 2) // stride
+    # Per utterance, so that its padding (and so the batch it sits in) never moves a frame.
+    index = torch.minimum(index[None, :], (out_lengths[:, None] - 1).clamp(min=0))
     out = _voiced_mean(f0, voiced, index, t_out)
-    return out, (lengths + stride - 1) // stride
+    return out, out_lengths
