@@ -56,7 +56,8 @@ def _check_features(feats: PitchFeatures, batch: int, length: int, name: str, dt
             raise TypeError(f"{name}.{field} must be {dtype} (float64 only with float64 q), got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name}.{field} must be on {device} like q, got {t.device}")
-    return feats
+    # The contract gives pos and voiced no gradient; detached, every backend agrees on that.
+    return feats._replace(pos=feats.pos.detach(), voiced=feats.voiced.detach())
 
 
 def _resolve_lengths(lengths: Tensor | None, batch: int, length: int, name: str, device) -> Tensor:

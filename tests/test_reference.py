@@ -108,6 +108,18 @@ def test_plain_rope_matches_sdpa(backend, causal):
     assert max_err(ours, expected) < 1e-12
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+def test_pos_and_voiced_get_no_gradient(backend):
+    """The contract makes pos and voiced constants: no backend sends a gradient into them."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 7, 8, requires_grad=True) for _ in range(3))
+    feats = ek.pitch_features(torch.tensor([[110.0, 0, 150, 170, 0, 120, 140]]))
+    feats = ek.PitchFeatures(*(f.clone().requires_grad_(True) for f in feats))
+    ek.rope_attention(q, k, v, features=feats, backend=backend).sum().backward()
+    assert feats.pos.grad is None and feats.voiced.grad is None
+    assert all(f.grad is not None for f in (feats.log_theta, feats.radius, feats.pitch))
+
+
 def test_f0_k_defaults_to_f0_for_self_attention():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
