@@ -38,7 +38,7 @@ from echo_kernels import PitchFeatures, RopeAttention, rope_attention
 THETA_MODES = ("fixed", "f0", "mean_f0", "f0_offset")
 RADIUS_MODES = ("unit", "f0")
 BIAS_KINDS = ("exp", "l1", None)
-DECODER_F0 = ("aligned", "mean", "none")
+DECODER_F0 = ("aligned", "attended", "mean", "none")
 SUBSAMPLES = (2, 3, 4)
 
 
@@ -52,8 +52,12 @@ class EchoConfig:
     """Hyper-parameters of :class:`Echo` (all plain values, so it round-trips through YAML/JSON).
 
     ``pitch=False`` switches every pitch feature off (plain RoPE, unit radius, no bias), whatever
-    ``theta_mode`` / ``radius_mode`` / ``bias`` say. ``decoder_f0``: ``"aligned"`` token-aligned f0,
-    ``"mean"`` the utterance mean for every token, ``"none"`` plain RoPE in the decoder.
+    ``theta_mode`` / ``radius_mode`` / ``bias`` say. ``decoder_f0``: a token's f0 in the decoder's
+    self-attention. Decoding can only estimate it from the cross-attention that predicted the token
+    (:meth:`Echo.estimate_token_f0`); training takes it from ``"aligned"``: equal spans of the
+    utterance per token (:func:`echo.align.token_f0`), or ``"attended"``: the decoding estimate
+    itself, from a first teacher-forced pass without gradients, so training and decoding see the
+    same kind of value. ``"mean"``: the utterance mean for every token; ``"none"``: plain RoPE.
     ``ctc_weight`` in [0, 1): weight of the CTC loss on the encoder (0 builds no CTC head).
     ``subsample``: stride of the front end's second convolution, so an encoder frame is
     ``10 * subsample`` ms (2: Whisper's 20 ms; 3 and 4 make the encoder cheaper).
@@ -298,7 +302,7 @@ def dense_attention_weights(
     causal: bool = False, q_lengths: Tensor | None = None, k_lengths: Tensor | None = None,
 ) -> Tensor:
     """Softmax weights ``[B, H, Tq, Tk]`` by the dense contract formula (for display and for the
-    decoder's f0 estimate; never in the training path). q ``[B, H, Tq, D]``, k ``[B, Hk, Tk, D]``;
+    decoder's f0 estimate; never under autograd in training). q ``[B, H, Tq, D]``, k ``[B, Hk, Tk, D]``;
     ``fq``/``fk`` must already carry the layer's settings (see :func:`layer_features`).
     Disallowed entries and padded query rows are 0."""
     batch, heads, tq, dim = q.shape
@@ -618,15 +622,32 @@ class Echo(nn.Module):
 
     @staticmethod
     def estimate_token_f0(cross_weights: Tensor, enc: EncoderOutput) -> Tensor | None:
-        """f0 ``[B]`` of the token just predicted: the voiced-weighted mean encoder f0 under the
-        cross-attention weights ``[B, T']``; 0 (unvoiced) when under half of the mass is voiced,
-        mirroring the training alignment where a span without voiced frames gets 0."""
+        """f0 of the token just predicted: the voiced-weighted mean encoder f0 under the
+        cross-attention weights ``[B, T']`` (or ``[B, U, T']``: one estimate per position) ->
+        ``[B]`` (or ``[B, U]``); 0 (unvoiced) when under half of the mass is voiced, mirroring the
+        training alignment where a span without voiced frames gets 0."""
         if enc.f0 is None:
             return None
-        voiced = (enc.f0 > 0).to(cross_weights.dtype)
+        f0 = enc.f0.view(enc.f0.shape[0], *[1] * (cross_weights.dim() - 2), enc.f0.shape[1])
+        voiced = (f0 > 0).to(cross_weights.dtype)
         mass = (cross_weights * voiced).sum(-1)
-        value = (cross_weights * enc.f0).sum(-1) / mass.clamp(min=1e-9)
+        value = (cross_weights * f0).sum(-1) / mass.clamp(min=1e-9)
         return torch.where(mass >= 0.5, value, torch.zeros_like(value))
+
+    @torch.no_grad()
+    def attended_token_f0(self, tokens: Tensor, token_lengths: Tensor, enc: EncoderOutput,
+                          token_f0: Tensor | None) -> Tensor:
+        """Teacher-forced twin of decoding's token f0: tokens ``[B, U]`` (from ``<bos>``) -> ``[B, U]``.
+
+        Token ``u >= 1`` gets :meth:`estimate_token_f0` of the cross-attention at position
+        ``u - 1``, the query that predicted it, as in decoding; ``<bos>`` keeps its utterance mean.
+        The pass that yields those weights uses ``token_f0`` (or the mean when None) for the
+        earlier tokens, where decoding used its own estimates: one step of that fixed point.
+        """
+        _, cross = self.decode(tokens, token_lengths, enc, token_f0, return_cross=True)
+        est = self.estimate_token_f0(cross, enc)
+        valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < token_lengths[:, None]
+        return torch.cat([torch.zeros_like(est[:, :1]), est[:, :-1]], 1) * valid
 
     # --- training --------------------------------------------------------------------------------
 
@@ -645,6 +666,8 @@ class Echo(nn.Module):
         token_lengths = token_lengths.to(tokens.device).long()
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         in_f0 = None if token_f0 is None else token_f0[:, :-1]
+        if cfg.pitch and cfg.decoder_f0 == "attended" and enc.f0 is not None:
+            in_f0 = self.attended_token_f0(inputs, token_lengths - 1, enc, in_f0)
         logits, _ = self.decode(inputs, token_lengths - 1, enc, in_f0)
         att = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets.reshape(-1),
                               ignore_index=cfg.pad_id, label_smoothing=cfg.label_smoothing)

@@ -166,6 +166,38 @@ def test_pitch_on_uses_f0():
         m.encode(mel, ml, None)
 
 
+def test_attended_token_f0_is_what_decoding_estimates():
+    """Training's "attended" token f0 equals decoding's own estimates for the same tokens: token u's
+    f0 comes from the cross-attention of the query at u - 1 that predicted it, on its prefix only."""
+    m = _model(decoder_f0="attended")
+    mel, ml, f0, tok, tl, _ = _batch()
+    with torch.no_grad():
+        enc = m.encode(mel, ml, f0)
+        decoded = torch.zeros(tok.shape)
+        for u in range(1, tok.shape[1]):  # what greedy decoding (no cache) computes, token by token
+            _, cross = m.decode(tok[:, :u], None, enc, decoded[:, :u], return_cross=True)
+            decoded[:, u] = m.estimate_token_f0(cross[:, -1], enc)
+    valid = torch.arange(tok.shape[1])[None, :] < tl[:, None]
+    decoded = decoded * valid
+    assert (decoded[:, 1:][valid[:, 1:]] > 0).any() and decoded[0, 0] == 0
+    attended = m.attended_token_f0(tok, tl, enc, decoded)
+    torch.testing.assert_close(attended, decoded, atol=1e-3, rtol=1e-5)
+    # From other first-pass values the estimate moves (one step of the fixed point), padding stays 0.
+    other = m.attended_token_f0(tok, tl, enc, None)
+    assert not torch.allclose(other, decoded) and (other[~valid] == 0).all()
+
+
+def test_attended_token_f0_trains_and_ignores_the_given_token_f0():
+    mel, ml, f0, tok, tl, tf0 = _batch()
+    attended, aligned = _model(decoder_f0="attended").train(), _model(decoder_f0="aligned").train()
+    out = attended(mel, ml, f0, tok, tl, tf0)
+    assert not torch.allclose(out["att_loss"], aligned(mel, ml, f0, tok, tl, tf0)["att_loss"])
+    # The given (equal-span) token f0 only seeds the first pass; the loss stays finite and trains.
+    out["loss"].backward()
+    grads = [p.grad for p in attended.decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_dense_weights_match_the_layer():
     """The display formula reproduces the kernel's attention (weights @ V == layer output)."""
     m = _model()
