@@ -103,6 +103,9 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", 
     return raw
 
 
+NOTES_MARKER = "<!-- the table above is written by `python -m echo ablate`; what follows is kept -->"
+
+
 def _write_table(raw: dict[str, list[dict[str, float]]], base: Any, path: Path, config: str | Path, seeds: int,
                  sizes: dict[str, int]) -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
@@ -127,8 +130,10 @@ def _write_table(raw: dict[str, list[dict[str, float]]], base: Any, path: Path, 
         steps = statistics.mean(r["steps"] for r in rows)
         minutes = statistics.mean(r["minutes"] for r in rows)
         lines.append(f"| {_label(v)} | " + " | ".join(cells) + f" | {steps:.0f} | {minutes:.1f} |")
+    # Whatever follows the marker in an earlier file (readings, plots, older tables) survives a re-run.
+    notes = path.read_text().partition(NOTES_MARKER)[2] if path.exists() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes or "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--variants", default="abcd", help="subset of 'abcdef'")
+    p.add_argument("--variants", default="abcdf", help="subset of 'abcdef' (f: configs/tiny.yaml's choice)")
     p.add_argument("--out-dir", default="runs/ablation")
     p.add_argument("--results", default="docs/results/ablation.md")
     p.add_argument("--eval-max-utts", type=int, default=0, help="score only the first N dev/test utterances")

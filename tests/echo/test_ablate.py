@@ -44,6 +44,12 @@ def test_table_reports_mean_and_spread_of_every_column(tmp_path):
     # mean 15% and sample std 7.07% of 10% and 20%, in every score column
     assert row.count("15.00 ± 7.07") == len(COLUMNS)
     assert row.endswith("| 2000 | 5.5 |")
+    # A re-run rewrites the table and keeps the notes written under it.
+    out.write_text(out.read_text() + "\n## Reading\n\nhand-written\n")
+    rows[1]["test_joint_cer"] = 0.4
+    _write_table({"a": rows}, base, out, TINY, 2, {"dev": 200, "test": 200})
+    text = out.read_text()
+    assert text.endswith("\n## Reading\n\nhand-written\n") and text.count("| (a)") == 1 and "25.00 ± 21.21" in text
 
 
 def test_ablation_trains_scores_and_writes_table_json_and_plot(tmp_path):
