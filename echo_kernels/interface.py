@@ -36,8 +36,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same length Tk, got {k.shape[2]} and {v.shape[2]}")
     if k.shape[3] != dim or v.shape[3] != dim:
         raise ValueError(f"q, k and v must share the head dim D, got {dim}, {k.shape[3]}, {v.shape[3]}")
-    if dim % 2:
-        raise ValueError(f"head dim D must be even (rotary pairs), got {dim}")
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"head dim D must be even and > 0 (rotary pairs), got {dim}")
     if k.shape[1] == 0 or heads % k.shape[1]:
         raise ValueError(
             f"the number of query heads ({heads}) must be a multiple of the key/value heads ({k.shape[1]})"
@@ -160,8 +160,10 @@ def rope_attention(
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf:
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not -math.inf < scale < math.inf:
+        raise ValueError(f"scale must be finite, got {scale}")
 
     ql = _resolve_lengths(q_lengths, batch, tq, "q_lengths", device)
     kl = _resolve_lengths(k_lengths, batch, tk, "k_lengths", device)

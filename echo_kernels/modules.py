@@ -112,8 +112,8 @@ class RopeAttention(nn.Module):
             raise ValueError(f"x must have shape [B, T, {self.dim}], got {tuple(x.shape)}")
         if self.cross and context is None:
             raise ValueError("context is required: this RopeAttention was built with cross=True")
-        if not self.cross and (context is not None or f0_context is not None):
-            raise ValueError("context / f0_context are only for cross=True layers")
+        if not self.cross and (context is not None or f0_context is not None or context_lengths is not None):
+            raise ValueError("context / f0_context / context_lengths are only for cross=True layers (use lengths)")
         source = context if self.cross else x
         if source.dim() != 3 or source.shape[-1] != self.dim or source.shape[0] != x.shape[0]:
             raise ValueError(f"context must have shape [{x.shape[0]}, S, {self.dim}], got {tuple(source.shape)}")

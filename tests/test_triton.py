@@ -145,6 +145,10 @@ def test_unsupported_inputs_are_named():
     assert "float64" in triton_backend.unsupported_reason(q, q, q, 1, False)
     q48 = torch.zeros(1, 1, 4, 48, device=DEVICE)
     assert "D=48" in triton_backend.unsupported_reason(q48, q48, q48, 1, False)
+    # One program per (batch, head) on the grid's second axis: past CUDA's 65535, another backend serves.
+    wide = torch.zeros(1, 1, 1, 32, device=DEVICE).expand(8192, 8, 1, 32)
+    assert "batch * heads = 65536" in triton_backend.unsupported_reason(wide, wide, wide, 1, False)
+    assert triton_backend.unsupported_reason(wide[:8191], wide[:8191], wide[:8191], 1, False) is None
     if not CUDA:
         qb = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
         assert "bfloat16" in triton_backend.unsupported_reason(qb, qb, qb, 1, False)

@@ -60,6 +60,9 @@ BAD = {
     "beta type": ({"beta": "1"}, TypeError, "beta must be"),
     "causal type": ({"causal": 1}, TypeError, "causal must be a bool"),
     "scale type": ({"scale": "0.1"}, TypeError, "scale must be"),
+    "scale inf": ({"scale": float("inf")}, ValueError, "scale must be finite"),
+    "zero head dim": ({"q": torch.randn(2, 4, 5, 0), "k": torch.randn(2, 2, 6, 0), "v": torch.randn(2, 2, 6, 0)},
+                      ValueError, "must be even and > 0"),
 }
 
 
@@ -109,6 +112,8 @@ def test_module_rejects_bad_calls():
         cross_attn(x)
     with pytest.raises(ValueError, match="only for cross=True"):
         self_attn(x, context=x)
+    with pytest.raises(ValueError, match="only for cross=True"):  # a mask that would do nothing
+        self_attn(x, context_lengths=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="context must have shape"):
         cross_attn(x, context=torch.randn(3, 4, 16))
     with pytest.raises(ValueError, match=r"f0 must have shape \[2, 5\]"):

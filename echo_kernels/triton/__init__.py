@@ -34,6 +34,9 @@ _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETER_DTYPES = (torch.float16, torch.float32)
 
 
+MAX_GRID_Y = 65535
+
+
 def unavailable_reason() -> str | None:
     """None when Triton kernels can run in this process, else why not."""
     try:
@@ -59,6 +62,10 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, bias: int, causal: bool)
         return f"q.dtype={q.dtype} is not supported by the Triton backend {where}; supported: {names}"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim D={q.shape[-1]} is not supported by the Triton backend; supported: {HEAD_DIMS}"
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        # Every kernel puts one (batch, head) pair per program on the grid's second axis.
+        return (f"batch * heads = {q.shape[0] * q.shape[1]} is more than the Triton backend's grid takes "
+                f"({MAX_GRID_Y}, CUDA's limit on a grid's second axis)")
     return None
 
 
