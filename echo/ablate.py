@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "f": ("bias only (fixed theta, unit radius)", ["model.pitch=true", "model.theta_mode=fixed",
                                                   "model.radius_mode=unit", "model.bias=exp"]),
 }
+# Run when none are named: the issue's (a)-(d) and configs/tiny.yaml's own choice (f).
+DEFAULT_VARIANTS = "abcdf"
 
 
 # Scores per (split, decoder): "{split}_{decoder}_{wer|cer}"; the JSON keeps them all.
@@ -55,7 +57,7 @@ def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = "abcd", out_dir: str | Path = "runs/ablation",
+def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = DEFAULT_VARIANTS, out_dir: str | Path = "runs/ablation",
                  overrides: list[str] | None = None, results_path: str | Path = "docs/results/ablation.md",
                  quiet: bool = False, eval_max_utts: int = 0) -> dict[str, Any]:
     """Train and score every (variant, seed); write the Markdown table and a JSON of raw numbers.
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--variants", default="abcdf", help="subset of 'abcdef' (f: configs/tiny.yaml's choice)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="subset of 'abcdef' (f: configs/tiny.yaml's choice)")
     p.add_argument("--out-dir", default="runs/ablation")
     p.add_argument("--results", default="docs/results/ablation.md")
     p.add_argument("--eval-max-utts", type=int, default=0, help="score only the first N dev/test utterances")

@@ -646,7 +646,7 @@ class Echo(nn.Module):
         """
         _, cross = self.decode(tokens, token_lengths, enc, token_f0, return_cross=True)
         est = self.estimate_token_f0(cross, enc)
-        valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < token_lengths[:, None]
+        valid = lengths_to_mask(token_lengths, tokens.shape[1])
         return torch.cat([torch.zeros_like(est[:, :1]), est[:, :-1]], 1) * valid
 
     # --- training --------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def test_attended_token_f0_is_what_decoding_estimates():
     assert not torch.allclose(other, decoded) and (other[~valid] == 0).all()
 
 
-def test_attended_token_f0_trains_and_ignores_the_given_token_f0():
+def test_attended_token_f0_changes_the_loss_and_trains():
     mel, ml, f0, tok, tl, tf0 = _batch()
     attended, aligned = _model(decoder_f0="attended").train(), _model(decoder_f0="aligned").train()
     out = attended(mel, ml, f0, tok, tl, tf0)
