@@ -32,6 +32,9 @@ CASES = {
     # chunks: 5 blocks in 4 uneven chunks (the last holds 2), and B x Hk = 32 with a single chunk.
     "key_chunks_uneven": Case(kv_heads=4, tq=97, tk=600, causal=True),
     "one_key_chunk": Case(batch=4, heads=8, kv_heads=8, tq=70, tk=130, dim=16),
+    # Causal with Tq > Tk: a chunk's first key block meets no query row above its diagonal, and
+    # the last chunk of the padded entry lies past Lk, so those dQ~ rows are never written.
+    "key_chunks_causal_tq_gt_tk": Case(kv_heads=4, tq=400, tk=300, causal=True, dim=16),
     # The exp bias is a product of per-token factors exp(+-beta p) while beta max|p| <= 8 (the
     # cases above: max|p| = 2.4, beta = 0.8) and an exp per score beyond (see also
     # test_float32_exp_bias_at_the_factor_limit).

@@ -50,7 +50,10 @@ struct KeyChunks {
 
 // Query-side sums of one key chunk: dQ~ rows (dS K~, rotated layout, before the softmax scale)
 // [chunks, B, H, Tq + kRows, Dp] (kRows spare rows take the padded rows of a register
-// tile) and the per-row bias pieces [chunks, B, H, Tq]; zero where a chunk adds nothing.
+// tile) and the per-row bias pieces [chunks, B, H, Tq]. A chunk's first key block writes
+// its dQ~ rows and later blocks add to them, so the slices need no zero fill: rows a chunk
+// never meets stay unwritten and the last pass skips them (see first_written_row); the
+// rows from Lq on are zeroed up front, as blocks may add register-tile padding there.
 template <typename acc_t>
 struct ChunkSums {
   at::Tensor dq_buf;
@@ -112,11 +115,12 @@ class BackwardTask {
   void run_keys(int64_t task, const KeyChunks& chunks, scalar_t* dk_all, scalar_t* dv_all, Partials<acc_t>& part,
                 ChunkSums<acc_t>& sums) {
     const int64_t c = task % chunks.count, hk = (task / chunks.count) % s_.Hk, b = task / (chunks.count * s_.Hk);
-    for (int64_t kb = chunks.first(c); kb < chunks.first(c + 1); ++kb) key_block(b, hk, c, kb, dk_all, dv_all, part, sums);
+    for (int64_t kb = chunks.first(c); kb < chunks.first(c + 1); ++kb)
+      key_block(b, hk, c, kb, kb == chunks.first(c), dk_all, dv_all, part, sums);
   }
 
   // Last pass, task = (b, h, query block): dq and the query-side partials from the chunk sums.
-  void finish_queries(int64_t task, int64_t n_chunks, scalar_t* dq_all, Partials<acc_t>& part,
+  void finish_queries(int64_t task, const KeyChunks& chunks, scalar_t* dq_all, Partials<acc_t>& part,
                       ChunkSums<acc_t>& sums) {
     const int64_t n_qb = ceil_div(s_.Tq, kBlockQ);
     const int64_t qb = task % n_qb, h = (task / n_qb) % s_.H, b = task / (n_qb * s_.H), i0 = qb * kBlockQ;
@@ -135,7 +139,8 @@ class BackwardTask {
       }
       std::fill_n(g, s_.Dp, acc_t(0));
       BiasRowGrads<acc_t> bg;
-      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+      for (int64_t ch = 0; ch < chunks.count; ++ch) {
+        if (i < first_written_row(chunks.first(ch) * kBlockK, lq, lk)) continue;
         const acc_t* src = sums.dq(ch, b, h, i, s_);
         for (int64_t d = 0; d < s_.Dp; ++d) g[d] += src[d];
         bg += *sums.row_bias(ch, b, h, i, s_);
@@ -182,10 +187,11 @@ class BackwardTask {
   }
 
  private:
-  // Key block kb of (b, hk): dK, dV and the key-side partials, written; dQ~ and the
-  // bias-row pieces of every query row it meets, added to chunk c's sums.
-  void key_block(int64_t b, int64_t hk, int64_t c, int64_t kb, scalar_t* dk_all, scalar_t* dv_all,
-                 Partials<acc_t>& part, ChunkSums<acc_t>& sums) {
+  // Key block kb of (b, hk): dK, dV and the key-side partials, written; dQ~ of every query
+  // row it meets, written into chunk c's sums by the chunk's first block and added by the
+  // others, and the bias-row pieces, added.
+  void key_block(int64_t b, int64_t hk, int64_t c, int64_t kb, bool first_in_chunk, scalar_t* dk_all,
+                 scalar_t* dv_all, Partials<acc_t>& part, ChunkSums<acc_t>& sums) {
     const int64_t j0 = kb * kBlockK;
     const int64_t lq = in_.lq[b], lk = in_.lk[b];
     const int64_t rows = std::min(kBlockK, s_.Tk - j0);
@@ -202,8 +208,7 @@ class BackwardTask {
     std::fill(dk_acc_.begin(), dk_acc_.end(), acc_t(0));
     std::fill(dv_acc_.begin(), dv_acc_.end(), acc_t(0));
     std::fill(dpitch_.begin(), dpitch_.end(), acc_t(0));
-    // Query rows before istart are above the causal diagonal for every key of the block.
-    const int64_t istart = in_.causal ? std::max<int64_t>(0, j0 - (lk - lq)) : 0;
+    const int64_t istart = first_query(j0, lq, lk);
     for (int64_t g = 0; g < s_.G; ++g) {
       const int64_t h = hk * s_.G + g;
       std::fill(col_.begin(), col_.end(), acc_t(0));
@@ -213,7 +218,8 @@ class BackwardTask {
         probs_and_grads(b, h, i0, nq, M, qr, j0, nk, N, kt, lq, lk, col_.data(), sums.row_bias(c, b, h, i0, s_));
         gemm_at<acc_t>(Mk, s_.Dp, nq, p_.data(), kBlockK, qr.dout, s_.Dp, dv_acc_.data(), s_.Dp, true);
         gemm_at<acc_t>(Mk, s_.Dp, nq, ds_.data(), kBlockK, qr.q, s_.Dp, dk_acc_.data(), s_.Dp, true);
-        gemm<acc_t>(M, s_.Dp, nk, ds_.data(), kBlockK, kt.k, s_.Dp, sums.dq(c, b, h, i0, s_), s_.Dp, true);
+        gemm<acc_t>(M, s_.Dp, nk, ds_.data(), kBlockK, kt.k, s_.Dp, sums.dq(c, b, h, i0, s_), s_.Dp,
+                    !first_in_chunk);
       }
       // dpitch_k = sum over heads and queries of beta * alpha_h * w * sign(pq - pk).
       if (in_.bias != kBiasNone)
@@ -227,6 +233,18 @@ class BackwardTask {
       part.kind(kKPitch)[slot] = dpitch_[r];
       for (int64_t d = 0; d < s_.D; ++d) dv_all[slot * s_.D + d] = static_cast<scalar_t>(dv_acc_[r * s_.Dp + d]);
     }
+  }
+
+  // Query rows before this one are above the causal diagonal for every key from j0 on.
+  int64_t first_query(int64_t j0, int64_t lq, int64_t lk) const {
+    return in_.causal ? std::max<int64_t>(0, j0 - (lk - lq)) : 0;
+  }
+
+  // The first query row that the key block starting at j0 writes into its chunk's dQ~ slice,
+  // when it is the chunk's first block: rows before it (and all rows, when the block's keys
+  // all lie past Lk) are never written, as later blocks of the chunk meet no earlier rows.
+  int64_t first_written_row(int64_t j0, int64_t lq, int64_t lk) const {
+    return j0 < lk ? first_query(j0, lq, lk) : lq;
   }
 
   // Query i has an allowed key: j < Lk and (causal) j <= i + Lk - Lq for some j >= 0.
@@ -463,8 +481,14 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
     const KeyChunks chunks(s, static_cast<int64_t>(sizeof(acc_t)));
-    ChunkSums<acc_t> sums{at::zeros({chunks.count, s.B, s.H, s.Tq + kRows, s.Dp}, stat_opts),
+    ChunkSums<acc_t> sums{new_output({chunks.count, s.B, s.H, s.Tq + kRows, s.Dp}, stat_opts, in.poison),
                           std::vector<BiasRowGrads<acc_t>>(chunks.count * s.B * s.H * s.Tq), s.Tq + kRows, s.Dp};
+    for (int64_t c = 0; c < chunks.count; ++c)
+      for (int64_t b = 0; b < s.B; ++b)
+        for (int64_t h = 0; h < s.H; ++h) {
+          acc_t* tail = sums.dq(c, b, h, in.lq[b], s);
+          std::fill(tail, tail + (s.Tq + kRows - in.lq[b]) * s.Dp, acc_t(0));
+        }
     scalar_t* dk_ptr = dk.data_ptr<scalar_t>();
     scalar_t* dv_ptr = dv.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.Hk * chunks.count, 1, [&](int64_t lo, int64_t hi) {
@@ -475,7 +499,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     scalar_t* dq_ptr = dq.data_ptr<scalar_t>();
     at::parallel_for(0, query_tasks, 1, [&](int64_t lo, int64_t hi) {
       Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
-      for (int64_t t = lo; t < hi; ++t) task.finish_queries(t, chunks.count, dq_ptr, qpart, sums);
+      for (int64_t t = lo; t < hi; ++t) task.finish_queries(t, chunks, dq_ptr, qpart, sums);
     });
     // Fixed-order reductions of the partials.
     at::Tensor dalpha = at::zeros({s.H}, stat_opts);
