@@ -277,10 +277,10 @@ def _plain_attention(q: Tensor, k: Tensor, v: Tensor, q_lengths: Tensor | None, 
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
     mask = None
     if k_lengths is not None:
-        mask = (torch.arange(tk, device=q.device)[None, :] < k_lengths.to(q.device)[:, None])[:, None, None, :]
+        mask = lengths_to_mask(k_lengths.to(q.device), tk)[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     if q_lengths is not None:
-        rows = torch.arange(tq, device=q.device)[None, :] < q_lengths.to(q.device)[:, None]
+        rows = lengths_to_mask(q_lengths.to(q.device), tq)
         out = out * rows[..., None, None].to(out.dtype)
     return out
 

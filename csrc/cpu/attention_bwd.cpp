@@ -59,9 +59,12 @@ struct ChunkSums {
   at::Tensor dq_buf;
   std::vector<BiasRowGrads<acc_t>> bias;
   int64_t rows_per_head, Dp;
+  acc_t* dq_data;  // dq_buf's data, read once (data_ptr checks the dtype on every call)
+  ChunkSums(at::Tensor buf, int64_t n_bias, int64_t rows, int64_t dp)
+      : dq_buf(std::move(buf)), bias(n_bias), rows_per_head(rows), Dp(dp), dq_data(dq_buf.data_ptr<acc_t>()) {}
   int64_t head(int64_t c, int64_t b, int64_t h, const Shape& s) const { return (c * s.B + b) * s.H + h; }
   acc_t* dq(int64_t c, int64_t b, int64_t h, int64_t i, const Shape& s) {
-    return dq_buf.data_ptr<acc_t>() + (head(c, b, h, s) * rows_per_head + i) * Dp;
+    return dq_data + (head(c, b, h, s) * rows_per_head + i) * Dp;
   }
   BiasRowGrads<acc_t>* row_bias(int64_t c, int64_t b, int64_t h, int64_t i, const Shape& s) {
     return bias.data() + head(c, b, h, s) * s.Tq + i;
@@ -72,7 +75,9 @@ template <typename acc_t>
 struct Partials {
   at::Tensor buf;  // [kinds, B, heads, T]
   int64_t stride;  // elements per kind
-  acc_t* kind(int64_t n) { return buf.data_ptr<acc_t>() + n * stride; }
+  acc_t* data;     // buf's data, read once
+  Partials(at::Tensor b, int64_t s) : buf(std::move(b)), stride(s), data(buf.data_ptr<acc_t>()) {}
+  acc_t* kind(int64_t n) { return data + n * stride; }
 };
 
 enum QueryPartial { kQRadius, kQLogTheta, kQPitch, kQAlpha, kQBeta, kQKinds };
@@ -107,7 +112,8 @@ class BackwardTask {
         n_kb_(ceil_div(s_.Tk, kBlockK)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
         e_(kBlockQ * kBlockK, acc_t(0)), dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
         col_(kBlockK, acc_t(0)), dpitch_(kBlockK, acc_t(0)), delta_tile_(kBlockQ, acc_t(0)), dq_row_(s_.Dp, acc_t(0)),
-        keys_(s_.Tk, sk.up != nullptr), alpha_(in.alpha.data_ptr<acc_t>()),
+        keys_(s_.Tk, sk.up != nullptr), q_(in.q.data_ptr<scalar_t>()), k_(in.k.data_ptr<scalar_t>()),
+        v_(in.v.data_ptr<scalar_t>()), alpha_(in.alpha.data_ptr<acc_t>()),
         beta_(static_cast<acc_t>(in.beta_value)) {}
 
   // Main pass, task = (b, hk, chunk): every key block of the chunk (dK, dV, key-side
@@ -145,7 +151,7 @@ class BackwardTask {
         for (int64_t d = 0; d < s_.Dp; ++d) g[d] += src[d];
         bg += *sums.row_bias(ch, b, h, i, s_);
       }
-      unrotate_row(g, scale, in_.q.data_ptr<scalar_t>() + slot * s_.D, sq_.cos + sq_.pair(b, i),
+      unrotate_row(g, scale, q_ + slot * s_.D, sq_.cos + sq_.pair(b, i),
                    sq_.sin + sq_.pair(b, i), sq_.phi + sq_.pair(b, i), sq_.radius[t], s_.P, dq_all + slot * s_.D,
                    part.kind(kQRadius)[slot], part.kind(kQLogTheta)[slot]);
       part.kind(kQPitch)[slot] = -beta_ * a * bg.w_sign;  // all bias pieces are zero without a bias
@@ -227,7 +233,7 @@ class BackwardTask {
     }
     for (int64_t r = 0; r < nk; ++r) {
       const int64_t j = j0 + r, t = sk_.token(b, j), slot = base + r;
-      unrotate_row(dk_acc_.data() + r * s_.Dp, acc_t(1), in_.k.data_ptr<scalar_t>() + slot * s_.D,
+      unrotate_row(dk_acc_.data() + r * s_.Dp, acc_t(1), k_ + slot * s_.D,
                    sk_.cos + sk_.pair(b, j), sk_.sin + sk_.pair(b, j), sk_.phi + sk_.pair(b, j), sk_.radius[t], s_.P,
                    dk_all + slot * s_.D, part.kind(kKRadius)[slot], part.kind(kKLogTheta)[slot]);
       part.kind(kKPitch)[slot] = dpitch_[r];
@@ -283,8 +289,8 @@ class BackwardTask {
       vtc_.assign(tk_pad * s_.Dp, acc_t(0));
     }
     const int64_t base = key * s_.Tk * s_.D;
-    const scalar_t* k = in_.k.data_ptr<scalar_t>() + base;
-    const scalar_t* v = in_.v.data_ptr<scalar_t>() + base;
+    const scalar_t* k = k_ + base;
+    const scalar_t* v = v_ + base;
     for (int64_t j = 0; j < lk; ++j) {
       const int64_t t = sk_.token(b, j), kb = j / kBlockK, c = j % kBlockK;
       acc_t* krow = kc_.data() + j * s_.Dp;
@@ -319,7 +325,7 @@ class BackwardTask {
     const acc_t scale = static_cast<acc_t>(in_.scale);
     for (int64_t g = 0; g < s_.G; ++g) {
       const int64_t h = hk * s_.G + g, base = (b * s_.H + h) * s_.Tq, row0 = g * tq_rows_;
-      const scalar_t* q = in_.q.data_ptr<scalar_t>() + base * s_.D;
+      const scalar_t* q = q_ + base * s_.D;
       for (int64_t i = 0; i < lq; ++i) {
         const int64_t t = sq_.token(b, i);
         rotate_row(q + i * s_.D, sq_.cos + sq_.pair(b, i), sq_.sin + sq_.pair(b, i), sq_.radius[t], scale, s_.P,
@@ -399,6 +405,7 @@ class BackwardTask {
   // Query cache of (b, hk) = queries_of_, G heads of tq_rows_ rows each.
   std::vector<acc_t> qc_, doc_, lsec_, deltac_;
   int64_t queries_of_ = -1, tq_rows_ = 0;
+  const scalar_t *q_, *k_, *v_;  // the inputs' data (data_ptr checks the dtype on every call)
   const acc_t* alpha_;
   const acc_t beta_;
 };
@@ -481,8 +488,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
     const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
     const KeyChunks chunks(s, static_cast<int64_t>(sizeof(acc_t)));
-    ChunkSums<acc_t> sums{new_output({chunks.count, s.B, s.H, s.Tq + kRows, s.Dp}, stat_opts, in.poison),
-                          std::vector<BiasRowGrads<acc_t>>(chunks.count * s.B * s.H * s.Tq), s.Tq + kRows, s.Dp};
+    ChunkSums<acc_t> sums(new_output({chunks.count, s.B, s.H, s.Tq + kRows, s.Dp}, stat_opts, in.poison),
+                          chunks.count * s.B * s.H * s.Tq, s.Tq + kRows, s.Dp);
     for (int64_t c = 0; c < chunks.count; ++c)
       for (int64_t b = 0; b < s.B; ++b)
         for (int64_t h = 0; h < s.H; ++h) {
