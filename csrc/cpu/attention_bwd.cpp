@@ -110,7 +110,7 @@ class BackwardTask {
                const acc_t* lse, const acc_t* delta)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), dout_(dout), lse_(lse), delta_(delta),
         n_kb_(ceil_div(s_.Tk, kBlockK)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
-        e_(kBlockQ * kBlockK, acc_t(0)), dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
+        dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
         col_(kBlockK, acc_t(0)), dpitch_(kBlockK, acc_t(0)), delta_tile_(kBlockQ, acc_t(0)), dq_row_(s_.Dp, acc_t(0)),
         keys_(s_.Tk, sk.up != nullptr), q_(in.q.data_ptr<scalar_t>()), k_(in.k.data_ptr<scalar_t>()),
         v_(in.v.data_ptr<scalar_t>()), alpha_(in.alpha.data_ptr<acc_t>()),
@@ -184,7 +184,7 @@ class BackwardTask {
       const KeyTile<acc_t> kt = key_tile(j0);
       score_tiles(M, N, qr, kt);
       for (int64_t r = 0; r < nq; ++r) {
-        probs_row(bias_row(b, h, i0 + r), i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk, nullptr);
+        probs_row(bias_row(b, h, i0 + r), i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk);
         delta_tile_[r] += dot_row(p_.data() + r * kBlockK, ds_.data() + r * kBlockK, N);
       }
     }
@@ -349,33 +349,32 @@ class BackwardTask {
   }
 
   // Row r of p_ (query i, bias row br, against keys [j0, j0 + nk)) from scores to
-  // probabilities: pitch bias (its exp factors into erow when not null), mask, exp(s - lse).
-  // Returns whether the row carries a bias (with no voiced key in the tile the bias and its
-  // gradients are 0).
-  bool probs_row(const BiasRow<acc_t>& br, int64_t i, int64_t r, int64_t j0, int64_t nk, int64_t N,
-                 const KeyTile<acc_t>& kt, acc_t lse, int64_t lq, int64_t lk, acc_t* erow) {
+  // probabilities: pitch bias, mask, exp(s - lse).
+  void probs_row(const BiasRow<acc_t>& br, int64_t i, int64_t r, int64_t j0, int64_t nk, int64_t N,
+                 const KeyTile<acc_t>& kt, acc_t lse, int64_t lq, int64_t lk) {
     acc_t* prow = p_.data() + r * kBlockK;
-    const bool biased = br.active() && kt.any_voiced;
-    if (biased) add_bias_row(br, kt.bias_keys, N, prow, erow);
+    if (br.active() && kt.any_voiced) add_bias_row(br, kt.bias_keys, N, prow);
     mask_row(prow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
     exp_row(prow, N, lse);
-    return biased;
   }
 
   // Recomputes P (p_) and dS = P (dP - delta) (ds_) of query rows [i0, i0 + nq) against
   // keys [j0, j0 + nk); rows nq..M-1 become 0. Bias gradient pieces are added to `col`
-  // (per key) and `rows` (per query row).
+  // (per key) and `rows` (per query row). The mask goes on the scores first (the bias of
+  // the keys past the limit is finite, so they stay -inf), then one pass per row does the rest.
   void probs_and_grads(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t M, const QueryRows<acc_t>& qr,
                        int64_t j0, int64_t nk, int64_t N, const KeyTile<acc_t>& kt, int64_t lq, int64_t lk,
                        acc_t* col, BiasRowGrads<acc_t>* rows) {
     score_tiles(M, N, qr, kt);
     for (int64_t r = 0; r < nq; ++r) {
-      acc_t* dsrow = ds_.data() + r * kBlockK;
-      acc_t* erow = e_.data() + r * kBlockK;
+      acc_t* prow = p_.data() + r * kBlockK;
       const BiasRow<acc_t> br = bias_row(b, h, i0 + r);
-      const bool biased = probs_row(br, i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk, erow);
-      softmax_grad_row(p_.data() + r * kBlockK, dsrow, N, qr.delta[r]);
-      if (biased) rows[r] += bias_row_grads(br, dsrow, erow, kt.bias_keys, N, col);
+      // With no voiced key in the tile the bias and its gradients are 0 there.
+      const bool biased = br.active() && kt.any_voiced;
+      mask_row(prow, key_limit(i0 + r, j0, nk, lq, lk, in_.causal), N);
+      const BiasRowGrads<acc_t> g =
+          probs_grads_row(br, biased, kt.bias_keys, N, qr.lse[r], qr.delta[r], prow, ds_.data() + r * kBlockK, col);
+      if (biased) rows[r] += g;
     }
     std::fill(p_.begin() + nq * kBlockK, p_.begin() + M * kBlockK, acc_t(0));
     std::fill(ds_.begin() + nq * kBlockK, ds_.begin() + M * kBlockK, acc_t(0));
@@ -397,7 +396,7 @@ class BackwardTask {
   const acc_t* delta_;
   const int64_t n_kb_;
   // Tile work buffers.
-  std::vector<acc_t> p_, ds_, e_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
+  std::vector<acc_t> p_, ds_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
   // Key cache of (b, hk) = keys_of_ (the key and value tiles allocated on first use).
   std::vector<acc_t> kc_, ktc_, vtc_;
   KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys

@@ -55,7 +55,7 @@ class ForwardTask {
         const int64_t i = i0 + r;
         acc_t* srow = s_tile_.data() + r * kBlockK;
         const BiasRow<acc_t> br = make_bias_row(in_.bias, alpha_[h], beta_, sq_, sq_.token(b, i));
-        if (br.active() && tile_voiced) add_bias_row(br, keys, N, srow, static_cast<acc_t*>(nullptr));
+        if (br.active() && tile_voiced) add_bias_row(br, keys, N, srow);
         mask_row(srow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
         online_softmax_row(r, srow, N);
       }

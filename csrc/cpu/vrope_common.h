@@ -295,14 +295,6 @@ T dot_row(const T* a, const T* b, int64_t n) {
   return acc.sum();
 }
 
-// dS = P * (dP - delta), in place on dp.
-template <typename T>
-void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
-  using V = Vec<T>;
-  const V d = V::set1(delta);
-  for (int64_t j = 0; j < n; j += V::size) (V::load(p + j) * (V::load(dp + j) - d)).store(dp + j);
-}
-
 // ---------------------------------------------------------------------------------
 // Pitch bias of one query token against a key tile.
 //
@@ -332,26 +324,29 @@ struct BiasRow {
   bool active() const { return kind != kBiasNone && vq != T(0); }
 };
 
-// s[j] += bias(i, j); e[j] receives exp(-beta |pq - pk_j|) for the exp kind (backward).
+// The bias of query row br against keys [j, j + W) before voicing, with pdiff = pq - pk:
+// exp kind alpha t with t = exp(-beta |pdiff|) (returned in t: dS's factor in the gradients),
+// l1 kind -alpha beta |pdiff|.
 template <typename T>
-void add_bias_row(const BiasRow<T>& br, const KeyPitch<T>& keys, int64_t n, T* s, T* e) {
+inline Vec<T> bias_term(const BiasRow<T>& br, const KeyPitch<T>& keys, int64_t j, Vec<T> pdiff, Vec<T>& t) {
+  using V = Vec<T>;
+  if (br.kind == kBiasExp) {
+    t = keys.up != nullptr ? vmin(V::set1(br.down) * V::load(keys.up + j), V::set1(br.up) * V::load(keys.down + j))
+                           : (V::set1(-br.beta) * pdiff.abs()).exp();
+    return V::set1(br.alpha) * t;
+  }
+  return V::set1(-br.alpha * br.beta) * pdiff.abs();
+}
+
+// s[j] += bias(i, j) over a row of n keys.
+template <typename T>
+void add_bias_row(const BiasRow<T>& br, const KeyPitch<T>& keys, int64_t n, T* s) {
   using V = Vec<T>;
   const V pq = V::set1(br.pq), vq = V::set1(br.vq);
-  if (br.kind == kBiasExp) {
-    const V a = V::set1(br.alpha);
-    const V nbeta = V::set1(-br.beta), up = V::set1(br.up), down = V::set1(br.down);
-    for (int64_t j = 0; j < n; j += V::size) {
-      const V t = keys.up != nullptr ? vmin(down * V::load(keys.up + j), up * V::load(keys.down + j))
-                                     : (nbeta * (pq - V::load(keys.pitch + j)).abs()).exp();
-      if (e != nullptr) t.store(e + j);
-      (V::load(s + j) + (a * t) * (vq * V::load(keys.voiced + j))).store(s + j);
-    }
-  } else {
-    const V nab = V::set1(-br.alpha * br.beta);
-    for (int64_t j = 0; j < n; j += V::size) {
-      const V dist = (pq - V::load(keys.pitch + j)).abs();
-      (V::load(s + j) + (nab * dist) * (vq * V::load(keys.voiced + j))).store(s + j);
-    }
+  for (int64_t j = 0; j < n; j += V::size) {
+    V t = V::set1(T(0));  // set by the exp kind only
+    const V add = bias_term(br, keys, j, pq - V::load(keys.pitch + j), t);
+    (V::load(s + j) + add * (vq * V::load(keys.voiced + j))).store(s + j);
   }
 }
 
@@ -368,23 +363,41 @@ struct BiasRowGrads {
   }
 };
 
-// col (optional) accumulates w * sign per key (the key-side pitch gradient).
+// One backward row in one pass over n keys: s holds the masked scores (-inf where not
+// allowed) and becomes P = exp(s + bias - lse); dp holds dP and becomes dS = P (dP - delta).
+// With `biased`, returns the row's bias gradient pieces and adds w sign(pq - pk) per key to
+// col (the key-side pitch gradient). The row stays in registers between the steps.
 template <typename T>
-BiasRowGrads<T> bias_row_grads(const BiasRow<T>& br, const T* ds, const T* e, const KeyPitch<T>& keys, int64_t n,
-                               T* col) {
+BiasRowGrads<T> probs_grads_row(const BiasRow<T>& br, bool biased, const KeyPitch<T>& keys, int64_t n, T lse,
+                                T delta, T* s, T* dp, T* col) {
   using V = Vec<T>;
+  const V shift = V::set1(lse), d = V::set1(delta);
+  if (!biased) {
+    for (int64_t j = 0; j < n; j += V::size) {
+      const V p = (V::load(s + j) - shift).exp();
+      p.store(s + j);
+      (p * (V::load(dp + j) - d)).store(dp + j);
+    }
+    return {};
+  }
   const V pq = V::set1(br.pq), vq = V::set1(br.vq);
+  const bool exp_kind = br.kind == kBiasExp;
   V w_sum = V::set1(T(0)), wd_sum = w_sum, ws_sum = w_sum;
   for (int64_t j = 0; j < n; j += V::size) {
-    const V delta = pq - V::load(keys.pitch + j);
-    V w = V::load(ds + j);
-    if (br.kind == kBiasExp) w = w * V::load(e + j);
-    w = w * (vq * V::load(keys.voiced + j));
-    const V ws = w * delta.sign();
+    const V pdiff = pq - V::load(keys.pitch + j);
+    const V voiced = vq * V::load(keys.voiced + j);
+    V t = V::set1(T(0));  // set by the exp kind only
+    const V add = bias_term(br, keys, j, pdiff, t);
+    const V p = ((V::load(s + j) + add * voiced) - shift).exp();
+    p.store(s + j);
+    const V ds = p * (V::load(dp + j) - d);
+    ds.store(dp + j);
+    const V w = (exp_kind ? ds * t : ds) * voiced;
+    const V ws = w * pdiff.sign();
     w_sum = w_sum + w;
-    wd_sum = wd_sum + w * delta.abs();
+    wd_sum = wd_sum + w * pdiff.abs();
     ws_sum = ws_sum + ws;
-    if (col != nullptr) (V::load(col + j) + ws).store(col + j);
+    (V::load(col + j) + ws).store(col + j);
   }
   return {w_sum.sum(), wd_sum.sum(), ws_sum.sum()};
 }
