@@ -52,8 +52,9 @@ struct KeyChunks {
 // [chunks, B, H, Tq + kRows, Dp] (kRows spare rows take the padded rows of a register
 // tile) and the per-row bias pieces [chunks, B, H, Tq]. A chunk's first key block writes
 // its dQ~ rows and later blocks add to them, so the slices need no zero fill: rows a chunk
-// never meets stay unwritten and the last pass skips them (see first_written_row); the
-// rows from Lq on are zeroed up front, as blocks may add register-tile padding there.
+// never meets stay unwritten and the last pass skips them (see first_written_row). The
+// kRows rows from Lq on, never read, are zeroed up front so that the register-tile padding
+// that blocks add there stays defined.
 template <typename acc_t>
 struct ChunkSums {
   at::Tensor dq_buf;
@@ -360,8 +361,9 @@ class BackwardTask {
 
   // Recomputes P (p_) and dS = P (dP - delta) (ds_) of query rows [i0, i0 + nq) against
   // keys [j0, j0 + nk); rows nq..M-1 become 0. Bias gradient pieces are added to `col`
-  // (per key) and `rows` (per query row). The mask goes on the scores first (the bias of
-  // the keys past the limit is finite, so they stay -inf), then one pass per row does the rest.
+  // (per key) and `rows` (per query row). The mask goes on the scores first, then one pass
+  // per row does the rest: the masked keys stay -inf because their bias is finite (the
+  // contract's beta > 0 bounds the exp kind's term by alpha; a tensor beta is not checked).
   void probs_and_grads(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t M, const QueryRows<acc_t>& qr,
                        int64_t j0, int64_t nk, int64_t N, const KeyTile<acc_t>& kt, int64_t lq, int64_t lk,
                        acc_t* col, BiasRowGrads<acc_t>* rows) {
@@ -493,7 +495,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
       for (int64_t b = 0; b < s.B; ++b)
         for (int64_t h = 0; h < s.H; ++h) {
           acc_t* tail = sums.dq(c, b, h, in.lq[b], s);
-          std::fill(tail, tail + (s.Tq + kRows - in.lq[b]) * s.Dp, acc_t(0));
+          std::fill(tail, tail + kRows * s.Dp, acc_t(0));
         }
     scalar_t* dk_ptr = dk.data_ptr<scalar_t>();
     scalar_t* dv_ptr = dv.data_ptr<scalar_t>();
