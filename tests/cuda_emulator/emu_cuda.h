@@ -1,0 +1,167 @@
+// CUDA on the CPU, for the tests: enough of the CUDA C++ language and runtime to compile the
+// kernels of csrc/cuda with the host compiler and run them, one CTA at a time, each of its
+// threads a fiber (runtime.cpp). build.py prepends this header to a copy of every kernel file.
+//
+// What it models: threads, warps, blocks and the grid; __syncthreads and the warp collectives
+// (__shfl_xor_sync, __syncwarp, mma.sync, ldmatrix) as rendezvous of the threads involved, so
+// a barrier some threads skip is a reported deadlock, not a hang; dynamic shared memory,
+// poisoned (all-ones bytes: NaN) at the start of every block; cp.async completing only at its
+// wait. WMMA fragments hold the whole 16x16 tile in every lane (the kernels only use them
+// through the wmma functions), and the wmma loads and stores are warp rendezvous. Floating point is the CPU's: results match a GPU's to rounding.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <vector_functions.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+
+#include "emu_hooks.h"
+
+#ifndef __global__
+#define __global__
+#endif
+#ifndef __device__
+#define __device__
+#endif
+#ifndef __host__
+#define __host__
+#endif
+#ifndef __forceinline__
+#define __forceinline__ inline
+#endif
+#ifndef __align__
+#define __align__(n) alignas(n)
+#endif
+#define __launch_bounds__(...)
+
+namespace echo_emu {
+
+// The running thread's coordinates (set by the scheduler for the fiber it switches to).
+uint3 thread_index();
+uint3 block_index();
+dim3 block_dim();
+dim3 grid_dim();
+unsigned char* shared_memory();
+
+void sync_threads();
+void sync_warp();
+void wmma_rendezvous();  // wmma loads and stores are warp-synchronous
+uint32_t shfl_xor_bits(uint32_t value, int lane_mask);
+
+// Runs body() once per thread of every block of the grid (blocks one after another).
+void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::function<void()>& body);
+
+// kernel<<<grid, block, bytes, stream>>>(args...) becomes launch(kernel, grid, block, bytes, stream)(args...).
+template <typename Kernel>
+auto launch(Kernel* kernel, dim3 grid, dim3 block, std::size_t shared_bytes = 0, cudaStream_t = nullptr) {
+  return [=](auto... args) { run_grid(grid, block, shared_bytes, [&] { kernel(args...); }); };
+}
+
+}  // namespace echo_emu
+
+#define threadIdx (::echo_emu::thread_index())
+#define blockIdx (::echo_emu::block_index())
+#define blockDim (::echo_emu::block_dim())
+#define gridDim (::echo_emu::grid_dim())
+
+inline void __syncthreads() { echo_emu::sync_threads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { echo_emu::sync_warp(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  if (mask != 0xffffffffu || width != 32) std::abort();  // the kernels shuffle whole warps
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  bits = echo_emu::shfl_xor_bits(bits, lane_mask);
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __cosf(float x) { return std::cos(x); }
+inline void __sincosf(float x, float* s, float* c) {
+  *s = std::sin(x);
+  *c = std::cos(x);
+}
+
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T*, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+// ---- WMMA: every lane holds the whole tile --------------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int kRows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int kCols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = kRows * kCols;
+  T x[num_elements];
+  float at(int r, int c) const { return static_cast<float>(x[r * kCols + c]); }
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, T value) {
+  for (auto& e : f.x) e = value;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ld) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::kRows; ++r)
+    for (int c = 0; c < F::kCols; ++c)
+      f.x[r * F::kCols + c] = std::is_same_v<Layout, col_major> ? p[c * ld + r] : p[r * ld + c];
+  echo_emu::wmma_rendezvous();  // every lane has read before any lane's later store
+}
+
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ld, layout_t layout) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ld + c] : p[c * ld + r];
+  echo_emu::wmma_rendezvous();
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ld, layout_t layout) {
+  echo_emu::wmma_rendezvous();
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r * N + c];
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int r = 0; r < M; ++r) {
+    for (int n = 0; n < N; ++n) {
+      float sum = c.x[r * N + n];
+      for (int k = 0; k < K; ++k) sum = std::fma(a.at(r, k), b.at(k, n), sum);
+      out[r * N + n] = sum;
+    }
+  }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,345 @@
+// The scheduler behind emu_cuda.h: one block at a time, each thread a ucontext fiber run until
+// it reaches a barrier or a warp collective; a barrier opens when every thread it waits for has
+// arrived at the same kind of barrier. Any other state with nothing runnable is a deadlock (a
+// barrier some threads skip, a collective half a warp reaches) and is reported as an error.
+// Warps run one at a time, each as far ahead of the others as the barriers allow, so a missing
+// barrier shows up as a read of memory another warp has not written yet (poisoned).
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <deque>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "emu_cuda.h"
+
+namespace echo_emu {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr std::size_t kStackBytes = 512 * 1024;
+constexpr int kSlotWords = 8;
+
+enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+// What a lane waits for at a warp rendezvous; every lane of the warp must wait for the same.
+enum class Collective { kSyncWarp, kShuffle, kMma, kLdmatrix, kWmma, kRelease };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  std::size_t bytes;
+};
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  uint3 index;
+  State state = State::kRunnable;
+  Collective waiting_for = Collective::kSyncWarp;
+  std::vector<Copy> open_group;  // cp.async copies not yet committed
+  std::deque<std::vector<Copy>> committed;
+};
+
+struct Warp {
+  uint32_t words[kWarpSize][kSlotWords];
+  const void* rows[kWarpSize];
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<unsigned char> shared;
+  uint3 index;
+  dim3 dim;
+  dim3 grid;
+  ucontext_t scheduler;
+  const std::function<void()>* body;
+};
+
+thread_local Block* current_block = nullptr;
+thread_local Fiber* current_fiber = nullptr;
+
+Fiber& self() {
+  if (current_fiber == nullptr) throw std::logic_error("echo_emu: device code called outside a kernel launch");
+  return *current_fiber;
+}
+
+int linear_thread() {
+  const uint3 t = self().index;
+  return static_cast<int>(t.x + current_block->dim.x * (t.y + current_block->dim.y * t.z));
+}
+
+int lane() { return linear_thread() % kWarpSize; }
+Warp& warp() { return current_block->warps[linear_thread() / kWarpSize]; }
+
+void yield(State state, Collective collective = Collective::kSyncWarp) {
+  Fiber& f = self();
+  f.state = state;
+  f.waiting_for = collective;
+  swapcontext(&f.context, &current_block->scheduler);
+}
+
+// Every lane of the warp reaches `collective`; returns when all have.
+void warp_rendezvous(Collective collective) { yield(State::kWarpBarrier, collective); }
+
+void complete(std::vector<Copy>& group) {
+  for (const Copy& c : group) std::memcpy(c.dst, c.src, c.bytes);
+  group.clear();
+}
+
+void fiber_main() {
+  (*current_block->body)();
+  Fiber& f = self();
+  // A thread that exits with copies in flight: they still land (as on the GPU).
+  while (!f.committed.empty()) {
+    complete(f.committed.front());
+    f.committed.pop_front();
+  }
+  complete(f.open_group);
+  f.state = State::kDone;
+}
+
+std::string describe(const Block& block) {
+  std::ostringstream out;
+  out << "block (" << block.index.x << ", " << block.index.y << ", " << block.index.z << "), thread states:";
+  for (std::size_t i = 0; i < block.fibers.size(); ++i) {
+    const Fiber& f = block.fibers[i];
+    out << (i % kWarpSize == 0 ? " | " : " ")
+        << (f.state == State::kDone            ? "x"
+            : f.state == State::kBlockBarrier  ? "B"
+            : f.state == State::kWarpBarrier   ? std::to_string(static_cast<int>(f.waiting_for))
+                                               : "r");
+  }
+  return out.str() + " (x exited, B __syncthreads, r runnable, n waits at warp collective n)";
+}
+
+// Opens warp w's collective if all its lanes wait at it; throws if they wait at different ones.
+bool release_warp(Block& block, int w) {
+  const int threads = static_cast<int>(block.fibers.size());
+  const int first = w * kWarpSize;
+  const int last = std::min(threads, first + kWarpSize);
+  for (int t = first; t < last; ++t) {
+    if (block.fibers[t].state != State::kWarpBarrier) return false;
+  }
+  for (int t = first; t < last; ++t) {
+    if (block.fibers[t].waiting_for != block.fibers[first].waiting_for) {
+      throw std::runtime_error("echo_emu: lanes of warp " + std::to_string(w) +
+                               " meet at different collectives: " + describe(block));
+    }
+  }
+  for (int t = first; t < last; ++t) block.fibers[t].state = State::kRunnable;
+  return true;
+}
+
+// Runs warp w as far as it goes without the other warps: to a __syncthreads, its exit, or a
+// collective some of its lanes cannot reach.
+void run_warp(Block& block, int w) {
+  const int threads = static_cast<int>(block.fibers.size());
+  const int first = w * kWarpSize;
+  const int last = std::min(threads, first + kWarpSize);
+  for (;;) {
+    for (int t = first; t < last; ++t) {
+      Fiber& f = block.fibers[t];
+      if (f.state != State::kRunnable) continue;
+      current_fiber = &f;
+      swapcontext(&block.scheduler, &f.context);
+      current_fiber = nullptr;
+    }
+    if (!release_warp(block, w)) return;
+  }
+}
+
+// One warp at a time, each as far ahead of the others as it can get (a missing __syncthreads
+// then lets a warp read what another has not written yet); the first warp to run rotates with
+// every barrier, so each warp leads some phases. A __syncthreads opens when every thread waits at it.
+void run_block(Block& block) {
+  const int warps = static_cast<int>(block.warps.size());
+  for (int phase = 0;; ++phase) {
+    for (int n = 0; n < warps; ++n) run_warp(block, (phase + n) % warps);
+    bool done = true;
+    bool at_barrier = true;
+    for (const Fiber& f : block.fibers) {
+      done = done && f.state == State::kDone;
+      at_barrier = at_barrier && f.state == State::kBlockBarrier;
+    }
+    if (done) return;
+    if (!at_barrier) throw std::runtime_error("echo_emu: deadlock, " + describe(block));
+    for (Fiber& f : block.fibers) f.state = State::kRunnable;
+  }
+}
+
+uint16_t half_bits(uint32_t word, int half) { return static_cast<uint16_t>(half ? word >> 16 : word & 0xffffu); }
+
+float to_float(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t wide = uint32_t(bits) << 16;
+    float x;
+    std::memcpy(&x, &wide, 4);
+    return x;
+  }
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return __half2float(h);
+}
+
+}  // namespace
+
+uint3 thread_index() { return self().index; }
+uint3 block_index() { return current_block->index; }
+dim3 block_dim() { return current_block->dim; }
+dim3 grid_dim() { return current_block->grid; }
+unsigned char* shared_memory() { return current_block->shared.data(); }
+
+void sync_threads() { yield(State::kBlockBarrier); }
+
+void sync_warp() {
+  warp_rendezvous(Collective::kSyncWarp);
+}
+
+void wmma_rendezvous() { warp_rendezvous(Collective::kWmma); }
+
+uint32_t shfl_xor_bits(uint32_t value, int lane_mask) {
+  Warp& w = warp();
+  const int l = lane();
+  w.words[l][0] = value;
+  warp_rendezvous(Collective::kShuffle);
+  const uint32_t got = w.words[(l ^ lane_mask) % kWarpSize][0];
+  warp_rendezvous(Collective::kRelease);
+  return got;
+}
+
+// Fragment layouts of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t;
+// A (row-major 16 x 16): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+// B (16 x 8, k x n): b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g); C/D (16 x 8):
+// c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1).
+void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint32_t a1, uint32_t a2,
+                  uint32_t a3, uint32_t b0, uint32_t b1, float c0, float c1, float c2, float c3) {
+  Warp& w = warp();
+  const int l = lane();
+  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+  std::memcpy(w.words[l], mine, sizeof(mine));
+  warp_rendezvous(Collective::kMma);
+  float a[16][16];
+  float b[16][8];
+  for (int other = 0; other < kWarpSize; ++other) {
+    const int g = other / 4;
+    const int t = other % 4;
+    const uint32_t* r = w.words[other];
+    for (int h = 0; h < 2; ++h) {
+      a[g][2 * t + h] = to_float(half_bits(r[0], h), bf16);
+      a[g + 8][2 * t + h] = to_float(half_bits(r[1], h), bf16);
+      a[g][2 * t + 8 + h] = to_float(half_bits(r[2], h), bf16);
+      a[g + 8][2 * t + 8 + h] = to_float(half_bits(r[3], h), bf16);
+      b[2 * t + h][g] = to_float(half_bits(r[4], h), bf16);
+      b[2 * t + 8 + h][g] = to_float(half_bits(r[5], h), bf16);
+    }
+  }
+  warp_rendezvous(Collective::kRelease);
+  const int g = l / 4;
+  const int t = l % 4;
+  const auto dot = [&](int row, int col, float c) {
+    for (int k = 0; k < 16; ++k) c = std::fma(a[row][k], b[k][col], c);
+    return c;
+  };
+  d0 = dot(g, 2 * t, c0);
+  d1 = dot(g, 2 * t + 1, c1);
+  d2 = dot(g + 8, 2 * t, c2);
+  d3 = dot(g + 8, 2 * t + 1, c3);
+}
+
+// ldmatrix .x4: lanes 8 j .. 8 j + 7 name the rows of matrix j; lane l receives, of each
+// matrix, elements (l / 4, 2 (l % 4) + {0, 1}), or with .trans (2 (l % 4) + {0, 1}, l / 4).
+void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3, bool transpose) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) throw std::runtime_error("echo_emu: ldmatrix row not 16-byte aligned");
+  const unsigned char* lo = current_block->shared.data();
+  const unsigned char* p = static_cast<const unsigned char*>(row);
+  if (p < lo || p + 16 > lo + current_block->shared.size()) {
+    throw std::runtime_error("echo_emu: ldmatrix row outside the block's shared memory");
+  }
+  Warp& w = warp();
+  const int l = lane();
+  w.rows[l] = row;
+  warp_rendezvous(Collective::kLdmatrix);
+  uint32_t out[4];
+  for (int j = 0; j < 4; ++j) {
+    uint16_t e[2];
+    for (int h = 0; h < 2; ++h) {
+      const int r = transpose ? 2 * (l % 4) + h : l / 4;
+      const int c = transpose ? l / 4 : 2 * (l % 4) + h;
+      std::memcpy(&e[h], static_cast<const unsigned char*>(w.rows[8 * j + r]) + 2 * c, 2);
+    }
+    out[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+  }
+  warp_rendezvous(Collective::kRelease);
+  d0 = out[0];
+  d1 = out[1];
+  d2 = out[2];
+  d3 = out[3];
+}
+
+void cp_async(void* dst, const void* src, std::size_t bytes) {
+  std::memset(dst, 0xff, bytes);
+  self().open_group.push_back(Copy{dst, src, bytes});
+}
+
+void cp_async_fence() {
+  Fiber& f = self();
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+void cp_async_wait(int groups_left) {
+  Fiber& f = self();
+  if (groups_left == 0) complete(f.open_group);  // wait_all also retires uncommitted copies
+  while (static_cast<int>(f.committed.size()) > groups_left) {
+    complete(f.committed.front());
+    f.committed.pop_front();
+  }
+}
+
+void run_grid(dim3 grid, dim3 block_shape, std::size_t shared_bytes, const std::function<void()>& body) {
+  const int threads = static_cast<int>(block_shape.x * block_shape.y * block_shape.z);
+  if (threads <= 0 || threads > 1024) throw std::runtime_error("echo_emu: bad block size");
+  if (current_block != nullptr) throw std::logic_error("echo_emu: nested launch");
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block block;
+        block.index = uint3{x, y, z};
+        block.dim = block_shape;
+        block.grid = grid;
+        block.body = &body;
+        block.shared.assign(shared_bytes, 0xff);  // NaN in every float / half: unwritten reads show
+        block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
+        block.fibers.resize(threads);
+        for (int t = 0; t < threads; ++t) {
+          Fiber& f = block.fibers[t];
+          f.index = uint3{t % block_shape.x, (t / block_shape.x) % block_shape.y, t / (block_shape.x * block_shape.y)};
+          f.stack.reset(new char[kStackBytes]);
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = kStackBytes;
+          f.context.uc_link = &block.scheduler;
+          makecontext(&f.context, fiber_main, 0);
+        }
+        current_block = &block;
+        try {
+          run_block(block);
+        } catch (...) {
+          current_block = nullptr;
+          throw;
+        }
+        current_block = nullptr;
+      }
+    }
+  }
+}
+
+}  // namespace echo_emu

@@ -1,0 +1,89 @@
+"""The CUDA kernels of csrc/cuda run on the CPU, in the emulator of tests/cuda_emulator.
+
+The same sources as the GPU build (the host glue, the rotation prologue, the WMMA kernels and
+the CuTe register-resident mma kernels) are compiled by the host compiler against a model of
+CUDA's threads, warps, barriers, shared memory and the warp-level instructions the kernels use,
+and checked against the float64 golden under FlashAttention's rule, like tests/test_cuda.py on
+a GPU. The WMMA kernels, verified on an H100, pass here too: they vouch for the emulator. What
+the emulator cannot show is speed and the GPU's exact rounding; it does show indexing,
+fragment layouts, masks, barriers (a barrier some threads skip is a reported deadlock),
+reads of shared memory nobody wrote (poisoned), and cp.async data used before its wait.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from cuda_emulator import build
+
+from cases import CUDA_KERNEL_VARIABLES, Case, check_backend, make_case, run, use_cuda_kernels
+from echo_kernels import cuda as cuda_backend
+
+
+def _missing() -> str | None:
+    if importlib.util.find_spec("cutlass_library") is None:
+        return "the CuTe headers (nvidia-cutlass) are not installed"
+    if not any((Path(d) / "cuda" / "std" / "utility").is_file() for d in build.cuda_include_dirs()):
+        return "the CUDA toolkit headers (cuda_fp16.h, libcu++) are not installed"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The emulated extension (built on first use: a few minutes)."""
+    return build.load()
+
+
+@pytest.fixture
+def cuda_on_cpu(emulated, monkeypatch):
+    """The cuda backend, served by the emulated extension, for CPU tensors."""
+    monkeypatch.setattr(cuda_backend, "_C", emulated)
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_backend, "unsupported_reason", lambda *args: None)
+
+
+F16, BF16 = torch.float16, torch.bfloat16
+CASES = [
+    ("gqa_padded_d64_f16", Case(dim=64, tq=70, tk=65, seed=40), F16),
+    ("causal_tq_gt_tk_d128_bf16", Case(dim=128, tq=113, tk=97, causal=True, seed=41), BF16),  # rows with no key
+    ("l1_causal_d64_bf16", Case(dim=64, tq=65, tk=80, bias="l1", causal=True, seed=42), BF16),
+    ("nobias_mqa_d128_f16", Case(dim=128, tq=40, tk=70, bias=None, heads=4, kv_heads=1, seed=43), F16),
+    ("empty_unvoiced_causal_d64_f16", Case(dim=64, tq=70, tk=65, empty_row=True, voiced_fraction=0.0, causal=True,
+                                           seed=44), F16),
+    ("short_1x5_d64_bf16", Case(dim=64, tq=1, tk=5, heads=2, kv_heads=1, seed=45), BF16),
+    # Several key tiles per CTA: the mma kernels' double-buffered copies run their steady state.
+    ("self_200_causal_d64_f16", Case(dim=64, tq=200, tk=200, batch=1, heads=2, kv_heads=1, causal=True,
+                                     padded=False, seed=46), F16),
+]
+
+
+@pytest.mark.parametrize("kernels", ["wmma", "mma"])
+@pytest.mark.parametrize("case, dtype", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_kernels_match_golden(case, dtype, kernels, cuda_on_cpu, monkeypatch):
+    use_cuda_kernels(monkeypatch, kernels)
+    fused = check_backend("cuda", case, dtype, "cpu")
+    if case.empty_row:  # batch 0 has no key: output and every gradient exactly 0
+        assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
+        assert fused["q"][0].abs().max() == 0 and fused["k"][0].abs().max() == 0
+
+
+@pytest.mark.parametrize("mma_pass", list(CUDA_KERNEL_VARIABLES))
+def test_one_mma_pass_beside_the_other_wmma_pass(mma_pass, cuda_on_cpu, monkeypatch):
+    """The passes exchange out and lse: each mma pass must fit the other generation's."""
+    use_cuda_kernels(monkeypatch, "mma", passes=(mma_pass,))
+    check_backend("cuda", Case(dim=128, tq=70, tk=65, causal=True, seed=47), BF16, "cpu")
+
+
+def test_mma_backward_is_bitwise_repeatable(cuda_on_cpu, monkeypatch):
+    use_cuda_kernels(monkeypatch, "mma")
+    case = Case(dim=64, tq=97, tk=113, causal=True, seed=48)
+    inputs = make_case(case, F16, "cpu")
+    first, second = run(case, inputs, "cuda"), run(case, inputs, "cuda")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
