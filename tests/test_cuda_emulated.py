@@ -13,6 +13,7 @@ reads of shared memory nobody wrote (poisoned), and cp.async data used before it
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,24 @@ def test_mma_backward_is_bitwise_repeatable(cuda_on_cpu, monkeypatch):
     first, second = run(case, inputs, "cuda"), run(case, inputs, "cuda")
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+# ---- the emulator itself --------------------------------------------------------------------------
+
+
+def test_emulated_mma_fragments_are_cutes(emulated):
+    """Which lane holds which element of A, B and C/D, for fp16 and bf16: CuTe's traits, entry by entry."""
+    assert emulated.emu_mma_layout_mismatches() == [0] * 6
+
+
+def test_a_missing_barrier_reads_poison(emulated):
+    """Warp 0 reads words warp 1 writes: NaN without a __syncthreads between, the values with one."""
+    assert all(math.isnan(x) for x in emulated.emu_cross_warp_read(False))
+    assert emulated.emu_cross_warp_read(True) == [1.0] * 32
+
+
+def test_barriers_some_threads_skip_are_reported(emulated):
+    with pytest.raises(RuntimeError, match=r"deadlock.*\| B B .*\| x x"):
+        emulated.emu_divergent_barrier()  # warp 0 waits at __syncthreads, warp 1 has exited
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emulated.emu_half_warp_shuffle()  # lanes 0-15 wait at a shuffle lanes 16-31 never reach

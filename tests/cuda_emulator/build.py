@@ -3,7 +3,7 @@
     python -m tests.cuda_emulator.build        # build (or reuse) and print the module's path
 
 ``load()`` returns a module with the CUDA extension's ``forward``, ``backward`` and
-``build_info``, taking CPU tensors: the real host glue (vrope_api.cpp) and the real kernels
+``build_info``, taking CPU tensors, and the emulator's self-checks (``emu_*``, selftest.cpp): the real host glue (vrope_api.cpp) and the real kernels
 (vrope_rotate, the WMMA and the CuTe mma kernels), compiled by the host compiler after four
 mechanical rewrites of copies of the sources, under build/cuda_emulator/:
 
@@ -124,9 +124,15 @@ def write_sources(src: Path) -> list[str]:
         sources.append(str(path))
     api = (cuda / "vrope_api.cpp").read_text().replace("is_cuda()", "is_cpu()")
     write_if_changed(src / "vrope_api.cpp", api)
-    write_if_changed(src / "module.cpp", (cuda / "module.cpp").read_text())
-    sources += [str(src / "vrope_api.cpp"), str(src / "module.cpp"), str(HERE / "runtime.cpp"),
-                str(HERE / "build_facts.cpp")]
+    module = (cuda / "module.cpp").read_text()
+    anchor = "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {"
+    if anchor not in module:
+        raise RuntimeError(f"csrc/cuda/module.cpp no longer has {anchor!r}")
+    module = module.replace(anchor, "void echo_emu_bind_selftests(pybind11::module_& m);\n" + anchor +
+                            "\n  echo_emu_bind_selftests(m);")
+    write_if_changed(src / "module.cpp", module)
+    sources += [str(src / "vrope_api.cpp"), str(src / "module.cpp")]
+    sources += [str(HERE / name) for name in ("runtime.cpp", "build_facts.cpp", "selftest.cpp")]
     return sources
 
 

@@ -56,6 +56,16 @@ void sync_warp();
 void wmma_rendezvous();  // wmma loads and stores are warp-synchronous
 uint32_t shfl_xor_bits(uint32_t value, int lane_mask);
 
+// Which element of an m16n8k16 operand (A 16 x 16, B 16 x 8 as k x n, C/D 16 x 8) value
+// `value` of lane `lane` holds (runtime.cpp; the self-test compares them with CuTe's traits).
+struct RowCol {
+  int row;
+  int col;
+};
+RowCol mma_a_element(int lane, int value);
+RowCol mma_b_element(int lane, int value);
+RowCol mma_c_element(int lane, int value);
+
 // Runs body() once per thread of every block of the grid (blocks one after another).
 void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::function<void()>& body);
 

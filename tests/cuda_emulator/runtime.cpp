@@ -215,10 +215,24 @@ uint32_t shfl_xor_bits(uint32_t value, int lane_mask) {
   return got;
 }
 
-// Fragment layouts of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t;
+// Fragment layouts of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 g + t,
+// value = 2 register + half (the low 16 bits of a register hold the lower column or k):
 // A (row-major 16 x 16): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
-// B (16 x 8, k x n): b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g); C/D (16 x 8):
-// c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1).
+// B (16 x 8, k x n): b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g);
+// C and D (16 x 8, one float per value): c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1).
+RowCol mma_a_element(int lane, int value) {
+  const int g = lane / 4, t = lane % 4, reg = value / 2;
+  return RowCol{g + 8 * (reg & 1), 2 * t + value % 2 + 8 * (reg >> 1)};
+}
+RowCol mma_b_element(int lane, int value) {
+  const int g = lane / 4, t = lane % 4, reg = value / 2;
+  return RowCol{2 * t + value % 2 + 8 * reg, g};
+}
+RowCol mma_c_element(int lane, int value) {
+  const int g = lane / 4, t = lane % 4;
+  return RowCol{g + 8 * (value / 2), 2 * t + value % 2};
+}
+
 void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint32_t a1, uint32_t a2,
                   uint32_t a3, uint32_t b0, uint32_t b1, float c0, float c1, float c2, float c3) {
   Warp& w = warp();
@@ -229,29 +243,29 @@ void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_
   float a[16][16];
   float b[16][8];
   for (int other = 0; other < kWarpSize; ++other) {
-    const int g = other / 4;
-    const int t = other % 4;
-    const uint32_t* r = w.words[other];
-    for (int h = 0; h < 2; ++h) {
-      a[g][2 * t + h] = to_float(half_bits(r[0], h), bf16);
-      a[g + 8][2 * t + h] = to_float(half_bits(r[1], h), bf16);
-      a[g][2 * t + 8 + h] = to_float(half_bits(r[2], h), bf16);
-      a[g + 8][2 * t + 8 + h] = to_float(half_bits(r[3], h), bf16);
-      b[2 * t + h][g] = to_float(half_bits(r[4], h), bf16);
-      b[2 * t + 8 + h][g] = to_float(half_bits(r[5], h), bf16);
+    const uint32_t* regs = w.words[other];
+    for (int value = 0; value < 8; ++value) {
+      const RowCol e = mma_a_element(other, value);
+      a[e.row][e.col] = to_float(half_bits(regs[value / 2], value % 2), bf16);
+    }
+    for (int value = 0; value < 4; ++value) {
+      const RowCol e = mma_b_element(other, value);
+      b[e.row][e.col] = to_float(half_bits(regs[4 + value / 2], value % 2), bf16);
     }
   }
   warp_rendezvous(Collective::kRelease);
-  const int g = l / 4;
-  const int t = l % 4;
-  const auto dot = [&](int row, int col, float c) {
-    for (int k = 0; k < 16; ++k) c = std::fma(a[row][k], b[k][col], c);
-    return c;
-  };
-  d0 = dot(g, 2 * t, c0);
-  d1 = dot(g, 2 * t + 1, c1);
-  d2 = dot(g + 8, 2 * t, c2);
-  d3 = dot(g + 8, 2 * t + 1, c3);
+  const float c[4] = {c0, c1, c2, c3};
+  float d[4];
+  for (int value = 0; value < 4; ++value) {
+    const RowCol e = mma_c_element(l, value);
+    float sum = c[value];
+    for (int k = 0; k < 16; ++k) sum = std::fma(a[e.row][k], b[k][e.col], sum);
+    d[value] = sum;
+  }
+  d0 = d[0];
+  d1 = d[1];
+  d2 = d[2];
+  d3 = d[3];
 }
 
 // ldmatrix .x4: lanes 8 j .. 8 j + 7 name the rows of matrix j; lane l receives, of each
