@@ -124,3 +124,20 @@ def test_barriers_some_threads_skip_are_reported(emulated):
         emulated.emu_divergent_barrier()  # warp 0 waits at __syncthreads, warp 1 has exited
     with pytest.raises(RuntimeError, match="deadlock"):
         emulated.emu_half_warp_shuffle()  # lanes 0-15 wait at a shuffle lanes 16-31 never reach
+
+
+def test_a_missing_syncwarp_before_a_wmma_load_is_reported(emulated):
+    assert emulated.emu_wmma_load_after_writes(True) == 30.0  # tile[15][15] = 15 + 15
+    with pytest.raises(RuntimeError, match="missing __syncwarp"):
+        emulated.emu_wmma_load_after_writes(False)
+
+
+def test_a_store_into_a_cp_async_in_flight_is_reported(emulated):
+    with pytest.raises(RuntimeError, match="in flight"):
+        emulated.emu_store_into_copy_in_flight()
+
+
+def test_errors_inside_a_thread_reach_python(emulated):
+    """Raised on the fiber's stack, rethrown on the scheduler's: a RuntimeError, not an abort."""
+    with pytest.raises(RuntimeError, match="part of a warp"):
+        emulated.emu_partial_shuffle()

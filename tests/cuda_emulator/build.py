@@ -36,20 +36,20 @@ KERNEL_FILES = ("vrope_rotate.cu", "vrope_fwd.cu", "vrope_bwd.cu", "vrope_fwd_mm
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(")
 _SHARED = re.compile(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];")
 
-# The CuTe atoms the kernels use: (header, struct or function, replacement of its PTX path).
+# The CuTe atoms the kernels use: (header, struct or function, its PTX instruction, replacement).
 _ATOMS = (
-    ("mma_sm80.hpp", "struct SM80_16x8x16_F32F16F16F32_TN",
+    ("mma_sm80.hpp", "struct SM80_16x8x16_F32F16F16F32_TN\n", "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
      "::echo_emu::mma_m16n8k16(false, d0, d1, d2, d3, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3);"),
-    ("mma_sm80.hpp", "struct SM80_16x8x16_F32BF16BF16F32_TN",
+    ("mma_sm80.hpp", "struct SM80_16x8x16_F32BF16BF16F32_TN\n", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
      "::echo_emu::mma_m16n8k16(true, d0, d1, d2, d3, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3);"),
-    ("copy_sm75.hpp", "struct SM75_U32x4_LDSM_N",
+    ("copy_sm75.hpp", "struct SM75_U32x4_LDSM_N\n", "ldmatrix.sync.aligned.x4.m8n8.shared.b16",
      "::echo_emu::ldmatrix_x4(&smem_src, dst0, dst1, dst2, dst3, false);"),
-    ("copy_sm75.hpp", "struct SM75_U16x8_LDSM_T",
+    ("copy_sm75.hpp", "struct SM75_U16x8_LDSM_T\n", "ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16",
      "::echo_emu::ldmatrix_x4(&smem_src, dst0, dst1, dst2, dst3, true);"),
-    ("copy_sm80.hpp", "struct SM80_CP_ASYNC_CACHEGLOBAL\n",
+    ("copy_sm80.hpp", "struct SM80_CP_ASYNC_CACHEGLOBAL\n", "cp.async.cg.shared.global",
      "::echo_emu::cp_async(&smem_dst, &gmem_src, sizeof(TS));"),
-    ("copy_sm80.hpp", "cp_async_fence()", "::echo_emu::cp_async_fence();"),
-    ("copy_sm80.hpp", "cp_async_wait()", "::echo_emu::cp_async_wait(N);"),
+    ("copy_sm80.hpp", "cp_async_fence()\n", "cp.async.commit_group", "::echo_emu::cp_async_fence();"),
+    ("copy_sm80.hpp", "cp_async_wait()\n", "cp.async.wait_all", "::echo_emu::cp_async_wait(N);"),
 )
 _PTX_PATH = re.compile(r"#if defined\(CUTE_ARCH_\w+\)\n.*?#endif\n", re.DOTALL)
 
@@ -81,12 +81,13 @@ def patch_cute(include: Path) -> None:
     arch = include / "cute" / "arch"
     arch.mkdir(parents=True, exist_ok=True)
     texts: dict[str, str] = {}
-    for header, anchor, call in _ATOMS:
+    for header, anchor, instruction, call in _ATOMS:
         text = texts.get(header) or (cutlass_include_dir() / "cute" / "arch" / header).read_text()
-        start = text.index(anchor)
-        match = _PTX_PATH.search(text, start)
-        if match is None:
-            raise RuntimeError(f"no PTX path after {anchor!r} in cute/arch/{header}")
+        if text.count(anchor) != 1:
+            raise RuntimeError(f"{anchor!r} is not in cute/arch/{header} exactly once: another CuTe version?")
+        match = _PTX_PATH.search(text, text.index(anchor))
+        if match is None or instruction not in match.group(0):
+            raise RuntimeError(f"no PTX path with {instruction!r} after {anchor!r} in cute/arch/{header}")
         text = text[:match.start()] + call + "\n" + text[match.end():]
         texts[header] = text
     for header, text in texts.items():
@@ -109,8 +110,8 @@ def write_stubs(include: Path) -> None:
 def rewrite_kernel_file(text: str) -> str:
     text = _LAUNCH.sub(r"::echo_emu::launch(\1, \2)(", text)
     text = _SHARED.sub(r"unsigned char* \1 = ::echo_emu::shared_memory();", text)
-    if "<<<" in text or "extern __shared__" in text:
-        raise RuntimeError("a launch or shared-memory declaration the emulator rewrite does not know")
+    if re.search(r"<<<|__shared__|__constant__", text):
+        raise RuntimeError("a launch or a shared / constant memory declaration the emulator rewrite does not know")
     return '#include "emu_cuda.h"\n' + text
 
 

@@ -16,6 +16,7 @@
 #include <vector_functions.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -52,9 +53,20 @@ dim3 grid_dim();
 unsigned char* shared_memory();
 
 void sync_threads();
-void sync_warp();
-void wmma_rendezvous();  // wmma loads and stores are warp-synchronous
+void sync_warp(unsigned mask);
 uint32_t shfl_xor_bits(uint32_t value, int lane_mask);
+uint32_t shfl_xor_bits(unsigned mask, int width, uint32_t value, int lane_mask);
+// WMMA loads and stores are warp-synchronous. A load also compares what the lanes read: every lane
+// holds the whole tile here, so lanes that read different bytes mean a missing __syncwarp.
+void wmma_rendezvous();
+void wmma_load_rendezvous(uint64_t digest);
+
+// FNV-1a of a fragment's bytes.
+inline uint64_t digest(const void* data, std::size_t bytes) {
+  uint64_t h = 1469598103934665603ull;
+  for (std::size_t i = 0; i < bytes; ++i) h = (h ^ static_cast<const unsigned char*>(data)[i]) * 1099511628211ull;
+  return h;
+}
 
 // Which element of an m16n8k16 operand (A 16 x 16, B 16 x 8 as k x n, C/D 16 x 8) value
 // `value` of lane `lane` holds (runtime.cpp; the self-test compares them with CuTe's traits).
@@ -83,15 +95,14 @@ auto launch(Kernel* kernel, dim3 grid, dim3 block, std::size_t shared_bytes = 0,
 #define gridDim (::echo_emu::grid_dim())
 
 inline void __syncthreads() { echo_emu::sync_threads(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { echo_emu::sync_warp(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { echo_emu::sync_warp(mask); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
-  if (mask != 0xffffffffu || width != 32) std::abort();  // the kernels shuffle whole warps
   uint32_t bits;
   std::memcpy(&bits, &value, 4);
-  bits = echo_emu::shfl_xor_bits(bits, lane_mask);
+  bits = echo_emu::shfl_xor_bits(mask, width, bits, lane_mask);
   std::memcpy(&value, &bits, 4);
   return value;
 }
@@ -142,14 +153,14 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, u
   for (int r = 0; r < F::kRows; ++r)
     for (int c = 0; c < F::kCols; ++c)
       f.x[r * F::kCols + c] = std::is_same_v<Layout, col_major> ? p[c * ld + r] : p[r * ld + c];
-  echo_emu::wmma_rendezvous();  // every lane has read before any lane's later store
+  echo_emu::wmma_load_rendezvous(echo_emu::digest(f.x, sizeof(f.x)));  // all have read before any later store
 }
 
 template <int M, int N, int K>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ld, layout_t layout) {
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ld + c] : p[c * ld + r];
-  echo_emu::wmma_rendezvous();
+  echo_emu::wmma_load_rendezvous(echo_emu::digest(f.x, sizeof(f.x)));
 }
 
 template <int M, int N, int K>

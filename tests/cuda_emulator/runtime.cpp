@@ -4,6 +4,7 @@
 // barrier some threads skip, a collective half a warp reaches) and is reported as an error.
 // Warps run one at a time, each as far ahead of the others as the barriers allow, so a missing
 // barrier shows up as a read of memory another warp has not written yet (poisoned).
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <cstdint>
@@ -11,6 +12,8 @@
 #include <cstring>
 #include <algorithm>
 #include <deque>
+#include <exception>
+#include <new>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -24,6 +27,8 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr std::size_t kStackBytes = 512 * 1024;
+constexpr std::size_t kGuardBytes = 4096;  // PROT_NONE below each stack: an overflow faults
+constexpr std::size_t kSharedAlignment = 1024;
 constexpr int kSlotWords = 8;
 
 enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
@@ -37,9 +42,40 @@ struct Copy {
   std::size_t bytes;
 };
 
+// A fiber's stack, mmap-ed with a guard page below it.
+class Stack {
+ public:
+  Stack() {
+    base_ = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base_ == MAP_FAILED) throw std::bad_alloc();
+    mprotect(base_, kGuardBytes, PROT_NONE);
+  }
+  ~Stack() { munmap(base_, kGuardBytes + kStackBytes); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  void* bottom() const { return static_cast<char*>(base_) + kGuardBytes; }
+
+ private:
+  void* base_;
+};
+
+// Dynamic shared memory, aligned as the kernels declare it (__align__(128) and more).
+struct SharedMemory {
+  explicit SharedMemory(std::size_t bytes)
+      : data(static_cast<unsigned char*>(::operator new(bytes ? bytes : 1, std::align_val_t{kSharedAlignment}))),
+        size(bytes) {
+    std::memset(data, 0xff, bytes);  // NaN in every float / half: unwritten reads show
+  }
+  ~SharedMemory() { ::operator delete(data, std::align_val_t{kSharedAlignment}); }
+  SharedMemory(const SharedMemory&) = delete;
+  SharedMemory& operator=(const SharedMemory&) = delete;
+  unsigned char* data;
+  std::size_t size;
+};
+
 struct Fiber {
   ucontext_t context;
-  std::unique_ptr<char[]> stack;
+  std::unique_ptr<Stack> stack;
   uint3 index;
   State state = State::kRunnable;
   Collective waiting_for = Collective::kSyncWarp;
@@ -53,9 +89,11 @@ struct Warp {
 };
 
 struct Block {
+  explicit Block(std::size_t shared_bytes) : shared(shared_bytes) {}
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
-  std::vector<unsigned char> shared;
+  SharedMemory shared;
+  std::exception_ptr error;  // thrown in a fiber, rethrown on the scheduler's stack
   uint3 index;
   dim3 dim;
   dim3 grid;
@@ -89,20 +127,34 @@ void yield(State state, Collective collective = Collective::kSyncWarp) {
 // Every lane of the warp reaches `collective`; returns when all have.
 void warp_rendezvous(Collective collective) { yield(State::kWarpBarrier, collective); }
 
+// Lands a group's copies; a destination that no longer holds the poison cp_async wrote was
+// stored to while its copy was in flight (a race on the GPU).
 void complete(std::vector<Copy>& group) {
-  for (const Copy& c : group) std::memcpy(c.dst, c.src, c.bytes);
+  for (const Copy& c : group) {
+    const auto* bytes = static_cast<const unsigned char*>(c.dst);
+    for (std::size_t i = 0; i < c.bytes; ++i) {
+      if (bytes[i] != 0xff) throw std::runtime_error("echo_emu: shared memory written while a cp.async into it was in flight");
+    }
+    std::memcpy(c.dst, c.src, c.bytes);
+  }
   group.clear();
 }
 
 void fiber_main() {
-  (*current_block->body)();
   Fiber& f = self();
-  // A thread that exits with copies in flight: they still land (as on the GPU).
-  while (!f.committed.empty()) {
-    complete(f.committed.front());
-    f.committed.pop_front();
+  // An exception must not unwind past the fiber's entry (there is no frame to catch it): keep it
+  // for the scheduler, and end this thread.
+  try {
+    (*current_block->body)();
+    // A thread that exits with copies in flight: they still land (as on the GPU).
+    while (!f.committed.empty()) {
+      complete(f.committed.front());
+      f.committed.pop_front();
+    }
+    complete(f.open_group);
+  } catch (...) {
+    if (!current_block->error) current_block->error = std::current_exception();
   }
-  complete(f.open_group);
   f.state = State::kDone;
 }
 
@@ -140,17 +192,18 @@ bool release_warp(Block& block, int w) {
 
 // Runs warp w as far as it goes without the other warps: to a __syncthreads, its exit, or a
 // collective some of its lanes cannot reach.
-void run_warp(Block& block, int w) {
+void run_warp(Block& block, int w, bool reverse_lanes) {
   const int threads = static_cast<int>(block.fibers.size());
   const int first = w * kWarpSize;
   const int last = std::min(threads, first + kWarpSize);
   for (;;) {
-    for (int t = first; t < last; ++t) {
-      Fiber& f = block.fibers[t];
+    for (int n = first; n < last; ++n) {
+      Fiber& f = block.fibers[reverse_lanes ? first + last - 1 - n : n];
       if (f.state != State::kRunnable) continue;
       current_fiber = &f;
       swapcontext(&block.scheduler, &f.context);
       current_fiber = nullptr;
+      if (block.error) std::rethrow_exception(block.error);
     }
     if (!release_warp(block, w)) return;
   }
@@ -158,11 +211,13 @@ void run_warp(Block& block, int w) {
 
 // One warp at a time, each as far ahead of the others as it can get (a missing __syncthreads
 // then lets a warp read what another has not written yet); the first warp to run rotates with
-// every barrier, so each warp leads some phases. A __syncthreads opens when every thread waits at it.
+// every barrier and with the block, so each warp leads some phases; the lanes of a warp run in
+// rising order in even phases and falling order in odd ones. A __syncthreads opens when every thread waits at it.
 void run_block(Block& block) {
   const int warps = static_cast<int>(block.warps.size());
+  const int lead = static_cast<int>(block.index.x + block.grid.x * (block.index.y + block.grid.y * block.index.z));
   for (int phase = 0;; ++phase) {
-    for (int n = 0; n < warps; ++n) run_warp(block, (phase + n) % warps);
+    for (int n = 0; n < warps; ++n) run_warp(block, (lead + phase + n) % warps, phase % 2 == 1);
     bool done = true;
     bool at_barrier = true;
     for (const Fiber& f : block.fibers) {
@@ -173,6 +228,12 @@ void run_block(Block& block) {
     if (!at_barrier) throw std::runtime_error("echo_emu: deadlock, " + describe(block));
     for (Fiber& f : block.fibers) f.state = State::kRunnable;
   }
+}
+
+bool in_shared_memory(const void* p, std::size_t bytes) {
+  const auto* lo = current_block->shared.data;
+  const auto* q = static_cast<const unsigned char*>(p);
+  return q >= lo && q + bytes <= lo + current_block->shared.size;
 }
 
 uint16_t half_bits(uint32_t word, int half) { return static_cast<uint16_t>(half ? word >> 16 : word & 0xffffu); }
@@ -195,15 +256,38 @@ uint3 thread_index() { return self().index; }
 uint3 block_index() { return current_block->index; }
 dim3 block_dim() { return current_block->dim; }
 dim3 grid_dim() { return current_block->grid; }
-unsigned char* shared_memory() { return current_block->shared.data(); }
+unsigned char* shared_memory() { return current_block->shared.data; }
 
 void sync_threads() { yield(State::kBlockBarrier); }
 
-void sync_warp() {
+void sync_warp(unsigned mask) {
+  if (mask != 0xffffffffu) throw std::runtime_error("echo_emu: __syncwarp with a partial mask is not modelled");
   warp_rendezvous(Collective::kSyncWarp);
 }
 
+uint32_t shfl_xor_bits(unsigned mask, int width, uint32_t value, int lane_mask) {
+  if (mask != 0xffffffffu || width != kWarpSize) {
+    throw std::runtime_error("echo_emu: shuffles of part of a warp are not modelled");
+  }
+  return shfl_xor_bits(value, lane_mask);
+}
+
 void wmma_rendezvous() { warp_rendezvous(Collective::kWmma); }
+
+void wmma_load_rendezvous(uint64_t digest) {
+  Warp& w = warp();
+  const int l = lane();
+  std::memcpy(w.words[l], &digest, sizeof(digest));
+  warp_rendezvous(Collective::kWmma);
+  uint64_t first;
+  std::memcpy(&first, w.words[0], sizeof(first));
+  const bool same = std::memcmp(w.words[l], &first, sizeof(first)) == 0;
+  warp_rendezvous(Collective::kRelease);
+  if (!same) {
+    throw std::runtime_error("echo_emu: lanes of a warp loaded different WMMA tiles (a missing __syncwarp before "
+                             "the load, or arguments that differ between lanes)");
+  }
+}
 
 uint32_t shfl_xor_bits(uint32_t value, int lane_mask) {
   Warp& w = warp();
@@ -272,11 +356,7 @@ void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_
 // matrix, elements (l / 4, 2 (l % 4) + {0, 1}), or with .trans (2 (l % 4) + {0, 1}, l / 4).
 void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3, bool transpose) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) throw std::runtime_error("echo_emu: ldmatrix row not 16-byte aligned");
-  const unsigned char* lo = current_block->shared.data();
-  const unsigned char* p = static_cast<const unsigned char*>(row);
-  if (p < lo || p + 16 > lo + current_block->shared.size()) {
-    throw std::runtime_error("echo_emu: ldmatrix row outside the block's shared memory");
-  }
+  if (!in_shared_memory(row, 16)) throw std::runtime_error("echo_emu: ldmatrix row outside the block's shared memory");
   Warp& w = warp();
   const int l = lane();
   w.rows[l] = row;
@@ -299,6 +379,10 @@ void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint
 }
 
 void cp_async(void* dst, const void* src, std::size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    throw std::runtime_error("echo_emu: cp.async source or destination not aligned to its size");
+  }
+  if (!in_shared_memory(dst, bytes)) throw std::runtime_error("echo_emu: cp.async destination outside shared memory");
   std::memset(dst, 0xff, bytes);
   self().open_group.push_back(Copy{dst, src, bytes});
 }
@@ -325,20 +409,19 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t shared_bytes, const std::
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
-        Block block;
+        Block block(shared_bytes);
         block.index = uint3{x, y, z};
         block.dim = block_shape;
         block.grid = grid;
         block.body = &body;
-        block.shared.assign(shared_bytes, 0xff);  // NaN in every float / half: unwritten reads show
         block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
         block.fibers.resize(threads);
         for (int t = 0; t < threads; ++t) {
           Fiber& f = block.fibers[t];
           f.index = uint3{t % block_shape.x, (t / block_shape.x) % block_shape.y, t / (block_shape.x * block_shape.y)};
-          f.stack.reset(new char[kStackBytes]);
+          f.stack = std::make_unique<Stack>();
           getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_sp = f.stack->bottom();
           f.context.uc_stack.ss_size = kStackBytes;
           f.context.uc_link = &block.scheduler;
           makecontext(&f.context, fiber_main, 0);

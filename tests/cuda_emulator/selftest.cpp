@@ -1,6 +1,7 @@
 // Checks of the emulator itself, bound into the emulated extension as emu_* functions
-// (tests/test_cuda_emulated.py): it must catch a missing barrier and a barrier some threads
-// skip, and its m16n8k16 fragment layouts must be CuTe's (which CuTe's kernels rely on).
+// (tests/test_cuda_emulated.py): it must catch a missing __syncthreads or __syncwarp, a barrier
+// some threads skip, a store into a cp.async destination in flight, and report errors raised
+// inside a thread; its m16n8k16 fragment layouts must be CuTe's (which CuTe's kernels rely on).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -27,6 +28,36 @@ __global__ void divergent_barrier() {
 // Only half of the warp reaches the shuffle.
 __global__ void half_warp_shuffle(float* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+// Each lane writes its row of a 16 x 16 tile and the warp loads the tile as a WMMA operand,
+// with or without the __syncwarp the load needs.
+__global__ void wmma_load_after_writes(float* out, bool sync) {
+  __half* tile = reinterpret_cast<__half*>(echo_emu::shared_memory());
+  const int lane = threadIdx.x;
+  if (lane < 16) {
+    for (int c = 0; c < 16; ++c) tile[lane * 16 + c] = __float2half(float(lane + c));
+  }
+  if (sync) __syncwarp();
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::load_matrix_sync(a, tile, 16);
+  if (lane == 0) out[0] = __half2float(a.x[16 * 15 + 15]);
+}
+
+// A cp.async into shared memory, a plain store into the same bytes before its wait.
+__global__ void store_into_copy_in_flight(const float* src) {
+  float* words = reinterpret_cast<float*>(echo_emu::shared_memory());
+  if (threadIdx.x == 0) {
+    echo_emu::cp_async(words, src, 16);
+    echo_emu::cp_async_fence();
+    words[1] = 2.0f;
+    echo_emu::cp_async_wait(0);
+  }
+}
+
+// An error raised inside a thread (a shuffle of half a warp, which the emulator does not model).
+__global__ void partial_shuffle(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.0f, 1);
 }
 
 // (thread, value) -> flat index layouts of CuTe's atom against the emulator's (row, col);
@@ -58,6 +89,19 @@ void echo_emu_bind_selftests(pybind11::module_& m) {
   m.def("emu_half_warp_shuffle", [] {
     std::vector<float> out(16, 0.0f);
     echo_emu::launch(half_warp_shuffle, dim3(1), dim3(32))(out.data());
+  });
+  m.def("emu_wmma_load_after_writes", [](bool sync) {
+    float out = 0.0f;
+    echo_emu::launch(wmma_load_after_writes, dim3(1), dim3(32), 16 * 16 * sizeof(__half))(&out, sync);
+    return out;
+  });
+  m.def("emu_store_into_copy_in_flight", [] {
+    alignas(16) float src[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    echo_emu::launch(store_into_copy_in_flight, dim3(1), dim3(32), 16)(static_cast<const float*>(src));
+  });
+  m.def("emu_partial_shuffle", [] {
+    std::vector<float> out(32, 0.0f);
+    echo_emu::launch(partial_shuffle, dim3(1), dim3(32))(out.data());
   });
   m.def("emu_mma_layout_mismatches", [] {
     using Traits = cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN>;
