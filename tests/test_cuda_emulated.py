@@ -96,6 +96,19 @@ def test_one_mma_pass_beside_the_other_wmma_pass(mma_pass, cuda_on_cpu, monkeypa
     check_backend("cuda", Case(dim=128, tq=40, tk=33, causal=True, seed=47), BF16, "cpu")
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_mma_kernels_ldmatrix_has_no_bank_conflicts(dim, emulated, cuda_on_cpu, monkeypatch):
+    """The XOR swizzle of the shared tiles (vrope_cute.cuh) spreads the 8 rows of every ldmatrix
+    phase, plain and transposed, over 8 different bank groups, in the forward and the backward."""
+    use_cuda_kernels(monkeypatch, "mma")
+    case = Case(dim=dim, tq=70, tk=65, heads=2, kv_heads=1, causal=True, seed=50)
+    emulated.emu_reset_counters()
+    run(case, make_case(case, F16, "cpu"), "cuda")
+    counters = emulated.emu_counters()
+    assert counters["ldmatrix_phases"] > 0
+    assert counters["ldmatrix_conflicted_phases"] == 0, counters
+
+
 def test_mma_backward_is_bitwise_repeatable(cuda_on_cpu, monkeypatch):
     use_cuda_kernels(monkeypatch, "mma")
     case = Case(dim=64, tq=97, tk=113, causal=True, seed=48)

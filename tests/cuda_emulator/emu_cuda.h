@@ -78,6 +78,14 @@ RowCol mma_a_element(int lane, int value);
 RowCol mma_b_element(int lane, int value);
 RowCol mma_c_element(int lane, int value);
 
+// What the emulator counts (since the last reset), for the tests of the kernels' shared-memory
+// access patterns.
+struct Counters {
+  uint64_t ldmatrix_phases = 0;  // 8-row phases of ldmatrix
+  uint64_t ldmatrix_conflicted_phases = 0;  // phases whose rows share a bank
+};
+Counters& performance_counters();
+
 // Runs body() once per thread of every block of the grid (blocks one after another).
 void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::function<void()>& body);
 

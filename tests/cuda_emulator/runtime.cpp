@@ -102,6 +102,7 @@ struct Block {
 };
 
 thread_local Block* current_block = nullptr;
+thread_local Counters counters;
 thread_local Fiber* current_fiber = nullptr;
 
 Fiber& self() {
@@ -252,6 +253,8 @@ float to_float(uint16_t bits, bool bf16) {
 
 }  // namespace
 
+Counters& performance_counters() { return counters; }
+
 uint3 thread_index() { return self().index; }
 uint3 block_index() { return current_block->index; }
 dim3 block_dim() { return current_block->dim; }
@@ -352,6 +355,23 @@ void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_
   d3 = d[3];
 }
 
+// Shared memory has 32 banks of 4 bytes. ldmatrix reads each 8 x 8 matrix (8 rows of 16 bytes,
+// lanes 8 j .. 8 j + 7) in one phase, which is conflict-free when the rows fall in 8 different
+// 16-byte bank groups.
+void count_ldmatrix_phases(const void* const* rows) {
+  for (int j = 0; j < 4; ++j) {
+    unsigned groups = 0;
+    bool conflict = false;
+    for (int r = 0; r < 8; ++r) {
+      const unsigned group = 1u << ((reinterpret_cast<uintptr_t>(rows[8 * j + r]) / 16) % 8);
+      conflict = conflict || (groups & group) != 0;
+      groups |= group;
+    }
+    counters.ldmatrix_phases += 1;
+    counters.ldmatrix_conflicted_phases += conflict;
+  }
+}
+
 // ldmatrix .x4: lanes 8 j .. 8 j + 7 name the rows of matrix j; lane l receives, of each
 // matrix, elements (l / 4, 2 (l % 4) + {0, 1}), or with .trans (2 (l % 4) + {0, 1}, l / 4).
 void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3, bool transpose) {
@@ -361,6 +381,7 @@ void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint
   const int l = lane();
   w.rows[l] = row;
   warp_rendezvous(Collective::kLdmatrix);
+  if (l == 0) count_ldmatrix_phases(w.rows);
   uint32_t out[4];
   for (int j = 0; j < 4; ++j) {
     uint16_t e[2];

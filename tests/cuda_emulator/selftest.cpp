@@ -103,6 +103,14 @@ void echo_emu_bind_selftests(pybind11::module_& m) {
     std::vector<float> out(32, 0.0f);
     echo_emu::launch(partial_shuffle, dim3(1), dim3(32))(out.data());
   });
+  m.def("emu_counters", [] {
+    const echo_emu::Counters& c = echo_emu::performance_counters();
+    pybind11::dict d;
+    d["ldmatrix_phases"] = c.ldmatrix_phases;
+    d["ldmatrix_conflicted_phases"] = c.ldmatrix_conflicted_phases;
+    return d;
+  });
+  m.def("emu_reset_counters", [] { echo_emu::performance_counters() = echo_emu::Counters{}; });
   m.def("emu_mma_layout_mismatches", [] {
     using Traits = cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN>;
     using TraitsBf16 = cute::MMA_Traits<cute::SM80_16x8x16_F32BF16BF16F32_TN>;
