@@ -79,8 +79,10 @@ def test_mma_kernels_match_golden(case, dtype, cuda_on_cpu, monkeypatch):
 
 # The default kernels, verified on an H100 (sessions 3-7), as a check of the emulator itself. Few
 # and small cases: every lane of an emulated WMMA fragment computes the whole 16 x 16 tile.
-WMMA_CASES = [c for c in CASES if c[0] in ("l1_causal_d64_bf16", "empty_unvoiced_causal_d64_f16", "short_1x5_d64_bf16")]
-WMMA_CASES.append(("gqa_causal_d128_f16", Case(dim=128, tq=33, tk=40, heads=2, kv_heads=1, causal=True, seed=49), F16))
+WMMA_CASES = [c for c in CASES if c[0] in ("empty_unvoiced_causal_d64_f16", "short_1x5_d64_bf16")] + [
+    ("l1_causal_d64_bf16", Case(dim=64, tq=40, tk=50, bias="l1", causal=True, heads=2, kv_heads=1, seed=42), BF16),
+    ("gqa_causal_d128_f16", Case(dim=128, tq=33, tk=40, heads=2, kv_heads=1, causal=True, seed=49), F16),
+]
 
 
 @pytest.mark.parametrize("case, dtype", [c[1:] for c in WMMA_CASES], ids=[c[0] for c in WMMA_CASES])
@@ -111,7 +113,7 @@ def test_mma_kernels_ldmatrix_has_no_bank_conflicts(dim, emulated, cuda_on_cpu, 
 
 def test_mma_backward_is_bitwise_repeatable(cuda_on_cpu, monkeypatch):
     use_cuda_kernels(monkeypatch, "mma")
-    case = Case(dim=64, tq=97, tk=113, causal=True, seed=48)
+    case = Case(dim=64, tq=97, tk=113, heads=2, kv_heads=1, causal=True, seed=48)
     inputs = make_case(case, F16, "cpu")
     first, second = run(case, inputs, "cuda"), run(case, inputs, "cuda")
     for name in first:
