@@ -4,17 +4,17 @@ The same sources as the GPU build (the host glue, the rotation prologue, the WMM
 the CuTe register-resident mma kernels) are compiled by the host compiler against a model of
 CUDA's threads, warps, barriers, shared memory and the warp-level instructions the kernels use,
 and checked against the float64 golden under FlashAttention's rule, like tests/test_cuda.py on
-a GPU. The WMMA kernels, verified on an H100, pass here too: they vouch for the emulator. What
-the emulator cannot show is speed and the GPU's exact rounding; it does show indexing,
-fragment layouts, masks, barriers (a barrier some threads skip is a reported deadlock),
-reads of shared memory nobody wrote (poisoned), and cp.async data used before its wait.
+a GPU. The WMMA kernels, verified on an H100, pass here too: they vouch for the emulator. It
+shows wrong results from indexing, fragment layouts or masks, barriers some threads skip
+(a reported deadlock), reads of shared memory nobody wrote or before a cp.async's wait
+(poisoned), and ldmatrix bank conflicts. It cannot show speed, out-of-bounds global accesses
+(CPU tensors have no guard), races between blocks (they run one after another) or the GPU's
+exact rounding.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,16 +23,8 @@ from cuda_emulator import build
 from cases import CUDA_KERNEL_VARIABLES, Case, check_backend, make_case, run, use_cuda_kernels
 from echo_kernels import cuda as cuda_backend
 
-
-def _missing() -> str | None:
-    if importlib.util.find_spec("cutlass_library") is None:
-        return "the CuTe headers (nvidia-cutlass) are not installed"
-    if not any((Path(d) / "cuda" / "std" / "utility").is_file() for d in build.cuda_include_dirs()):
-        return "the CUDA toolkit headers (cuda_fp16.h, libcu++) are not installed"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+MISSING = build.missing_prerequisites()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"cannot build the CUDA emulator: {MISSING}")
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +56,26 @@ CASES = [
 ]
 
 
-def _check(case: Case, dtype: torch.dtype) -> None:
+def _check(case: Case, dtype: torch.dtype) -> dict:
     fused = check_backend("cuda", case, dtype, "cpu")
     if case.empty_row:  # batch 0 has no key: output and every gradient exactly 0
         assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
         assert fused["q"][0].abs().max() == 0 and fused["k"][0].abs().max() == 0
+    return fused
 
 
 @pytest.mark.parametrize("case, dtype", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_mma_kernels_match_golden(case, dtype, cuda_on_cpu, monkeypatch):
+def test_mma_kernels_match_golden(case, dtype, emulated, cuda_on_cpu, monkeypatch):
     use_cuda_kernels(monkeypatch, "mma")
+    emulated.emu_reset_counters()
     _check(case, dtype)
+    assert emulated.emu_counters()["ldmatrix_phases"] > 0  # the mma kernels ran (only they use ldmatrix)
 
 
 # The default kernels, verified on an H100 (sessions 3-7), as a check of the emulator itself. Few
 # and small cases: every lane of an emulated WMMA fragment computes the whole 16 x 16 tile.
 WMMA_CASES = [c for c in CASES if c[0] in ("empty_unvoiced_causal_d64_f16", "short_1x5_d64_bf16")] + [
-    ("l1_causal_d64_bf16", Case(dim=64, tq=40, tk=50, bias="l1", causal=True, heads=2, kv_heads=1, seed=42), BF16),
+    ("l1_causal_small_d64_bf16", Case(dim=64, tq=40, tk=50, bias="l1", causal=True, heads=2, kv_heads=1, seed=42), BF16),
     ("gqa_causal_d128_f16", Case(dim=128, tq=33, tk=40, heads=2, kv_heads=1, causal=True, seed=49), F16),
 ]
 
@@ -104,11 +99,14 @@ def test_mma_kernels_ldmatrix_has_no_bank_conflicts(dim, emulated, cuda_on_cpu, 
     phase, plain and transposed, over 8 different bank groups, in the forward and the backward."""
     use_cuda_kernels(monkeypatch, "mma")
     case = Case(dim=dim, tq=70, tk=65, heads=2, kv_heads=1, causal=True, seed=50)
+    inputs = make_case(case, F16, "cpu")
     emulated.emu_reset_counters()
-    run(case, make_case(case, F16, "cpu"), "cuda")
-    counters = emulated.emu_counters()
-    assert counters["ldmatrix_phases"] > 0
-    assert counters["ldmatrix_conflicted_phases"] == 0, counters
+    run(case, inputs, "cuda", grads=False)
+    forward = emulated.emu_counters()
+    run(case, inputs, "cuda")
+    both = emulated.emu_counters()
+    assert 0 < forward["ldmatrix_phases"] < both["ldmatrix_phases"] - forward["ldmatrix_phases"]  # fwd, then fwd + bwd
+    assert both["ldmatrix_conflicted_phases"] == 0, both
 
 
 def test_mma_backward_is_bitwise_repeatable(cuda_on_cpu, monkeypatch):
@@ -156,3 +154,13 @@ def test_errors_inside_a_thread_reach_python(emulated):
     """Raised on the fiber's stack, rethrown on the scheduler's: a RuntimeError, not an abort."""
     with pytest.raises(RuntimeError, match="part of a warp"):
         emulated.emu_partial_shuffle()
+
+
+def test_ldmatrix_bank_conflicts_are_counted(emulated):
+    """Rows 128 bytes apart all fall in one bank group (every phase conflicts); 16 bytes apart, none."""
+    emulated.emu_reset_counters()
+    emulated.emu_strided_ldmatrix(128)
+    assert emulated.emu_counters() == {"ldmatrix_phases": 4, "ldmatrix_conflicted_phases": 4}
+    emulated.emu_reset_counters()
+    emulated.emu_strided_ldmatrix(16)
+    assert emulated.emu_counters() == {"ldmatrix_phases": 4, "ldmatrix_conflicted_phases": 0}

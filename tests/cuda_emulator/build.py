@@ -3,9 +3,10 @@
     python -m tests.cuda_emulator.build        # build (or reuse) and print the module's path
 
 ``load()`` returns a module with the CUDA extension's ``forward``, ``backward`` and
-``build_info``, taking CPU tensors, and the emulator's self-checks (``emu_*``, selftest.cpp): the real host glue (vrope_api.cpp) and the real kernels
-(vrope_rotate, the WMMA and the CuTe mma kernels), compiled by the host compiler after four
-mechanical rewrites of copies of the sources, under build/cuda_emulator/:
+``build_info``, taking CPU tensors, and the emulator's self-checks and counters (``emu_*``,
+selftest.cpp). It holds the real host glue (vrope_api.cpp) and the real kernels (vrope_rotate,
+the WMMA and the CuTe mma kernels), compiled by the host compiler after four mechanical
+rewrites of copies of the sources, under build/cuda_emulator/:
 
 * every kernel file starts with ``#include "emu_cuda.h"``;
 * ``kernel<<<grid, block, bytes, stream>>>(args)`` becomes ``echo_emu::launch(kernel, grid,
@@ -23,6 +24,7 @@ reuses it while no source changes.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import sys
@@ -54,13 +56,40 @@ _ATOMS = (
 _PTX_PATH = re.compile(r"#if defined\(CUTE_ARCH_\w+\)\n.*?#endif\n", re.DOTALL)
 
 
-def cutlass_include_dir() -> Path:
-    import importlib.util
+# Headers the build needs from the CUDA toolkit (or torch's CUDA wheels) and libcu++.
+_CUDA_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "cuda_runtime_api.h", "vector_functions.h", "cuda/std/utility")
 
+
+def cutlass_include_dir() -> Path | None:
+    """The CuTe headers of the pinned nvidia-cutlass wheel, or None."""
     spec = importlib.util.find_spec("cutlass_library")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the CUDA emulator needs the CuTe headers: pip install nvidia-cutlass==4.2.0.0")
-    return Path(spec.submodule_search_locations[0]) / "source" / "include"
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "source" / "include"
+    return path if (path / "cute" / "tensor.hpp").is_file() else None
+
+
+def missing_prerequisites() -> str | None:
+    """Why the emulator cannot be built here (None when it can)."""
+    from torch.utils import cpp_extension
+
+    if cutlass_include_dir() is None:
+        return "the CuTe headers are not installed (pip install nvidia-cutlass==4.2.0.0)"
+    dirs = cuda_include_dirs()
+    absent = [h for h in _CUDA_HEADERS if not any((Path(d) / h).is_file() for d in dirs)]
+    if absent:
+        return f"CUDA toolkit headers not found ({', '.join(absent)}; set CUDA_HOME)"
+    _put_venv_tools_on_path()
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _put_venv_tools_on_path() -> None:
+    """ninja from pip lives beside this interpreter, which `make test` runs without activating its venv."""
+    tools = str(Path(sys.executable).parent)
+    if tools not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = tools + os.pathsep + os.environ.get("PATH", "")
 
 
 def cuda_include_dirs() -> list[str]:
@@ -72,8 +101,7 @@ def cuda_include_dirs() -> list[str]:
     dirs = [toolkit, *glob.glob(str(site / "nvidia" / "cu*" / "include"))]
     found = [d for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h"))]
     # libcu++ (cuda/std/...), which CUTLASS includes and nvcc finds by itself.
-    found += [c for d in dirs if os.path.isdir(c := os.path.join(d, "cccl"))]
-    return found
+    return found + [c for d in found if os.path.isdir(c := os.path.join(d, "cccl"))]
 
 
 def patch_cute(include: Path) -> None:
@@ -107,11 +135,13 @@ def write_stubs(include: Path) -> None:
                      "inline EmulatedStream getCurrentCUDAStream() { return {}; }\n}\n")
 
 
-def rewrite_kernel_file(text: str) -> str:
+def rewrite_kernel_file(name: str, text: str) -> str:
     text = _LAUNCH.sub(r"::echo_emu::launch(\1, \2)(", text)
     text = _SHARED.sub(r"unsigned char* \1 = ::echo_emu::shared_memory();", text)
-    if re.search(r"<<<|__shared__|__constant__", text):
-        raise RuntimeError("a launch or a shared / constant memory declaration the emulator rewrite does not know")
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.search(r"<<<|__shared__|__constant__", line.split("//")[0]):
+            raise RuntimeError(f"csrc/cuda/{name}:{number}: a launch or shared / constant memory declaration the "
+                               f"emulator's rewrite does not know: {line.strip()}")
     return '#include "emu_cuda.h"\n' + text
 
 
@@ -121,7 +151,7 @@ def write_sources(src: Path) -> list[str]:
     sources = []
     for name in KERNEL_FILES:
         path = src / (Path(name).stem + ".cpp")
-        write_if_changed(path, rewrite_kernel_file((cuda / name).read_text()))
+        write_if_changed(path, rewrite_kernel_file(name, (cuda / name).read_text()))
         sources.append(str(path))
     api = (cuda / "vrope_api.cpp").read_text().replace("is_cuda()", "is_cpu()")
     write_if_changed(src / "vrope_api.cpp", api)
@@ -147,6 +177,9 @@ def load(verbose: bool = False):
     """The emulated CUDA extension (built on first use)."""
     from torch.utils import cpp_extension
 
+    reason = missing_prerequisites()  # also puts the venv's ninja on PATH
+    if reason is not None:
+        raise RuntimeError(f"cannot build the CUDA emulator: {reason}")
     include, src = OUT / "include", OUT / "src"
     patch_cute(include)
     write_stubs(include)
@@ -157,6 +190,7 @@ def load(verbose: bool = False):
         sources=sources,
         extra_include_paths=[str(include), str(HERE), str(ROOT / "csrc"), str(cutlass_include_dir()),
                              *cuda_include_dirs()],
+        # -w: CuTe and the CUDA headers warn by the hundred under a host compiler.
         extra_cflags=["-O1", "-std=c++17", "-fno-strict-aliasing", "-w"],
         build_directory=str(OUT / "obj"),
         verbose=verbose,

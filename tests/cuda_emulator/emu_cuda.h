@@ -7,7 +7,9 @@
 // a barrier some threads skip is a reported deadlock, not a hang; dynamic shared memory,
 // poisoned (all-ones bytes: NaN) at the start of every block; cp.async completing only at its
 // wait. WMMA fragments hold the whole 16x16 tile in every lane (the kernels only use them
-// through the wmma functions), and the wmma loads and stores are warp rendezvous. Floating point is the CPU's: results match a GPU's to rounding.
+// through the wmma functions); wmma loads and stores are warp rendezvous, and a load checks
+// that every lane read the same bytes. Floating point is the CPU's: results match a GPU's to
+// rounding.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,6 +44,12 @@
 #define __align__(n) alignas(n)
 #endif
 #define __launch_bounds__(...)
+// build.py rewrites the kernels' one form of shared memory (extern __shared__ ... name[];); any
+// other use would silently become per-thread memory on the host, so it must not compile.
+#undef __shared__
+#define __shared__ ECHO_EMU_rewrite_this_shared_memory_declaration
+#undef __constant__
+#define __constant__ ECHO_EMU_constant_memory_is_not_emulated
 
 namespace echo_emu {
 

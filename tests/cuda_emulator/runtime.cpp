@@ -26,10 +26,10 @@ namespace echo_emu {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr std::size_t kStackBytes = 512 * 1024;
+constexpr std::size_t kStackBytes = 512 * 1024;  // the kernels' frames are tens of KiB at most
 constexpr std::size_t kGuardBytes = 4096;  // PROT_NONE below each stack: an overflow faults
 constexpr std::size_t kSharedAlignment = 1024;
-constexpr int kSlotWords = 8;
+constexpr int kSlotWords = 8;  // per lane in a warp exchange: mma's 6 operand registers fit
 
 enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
 
@@ -134,7 +134,9 @@ void complete(std::vector<Copy>& group) {
   for (const Copy& c : group) {
     const auto* bytes = static_cast<const unsigned char*>(c.dst);
     for (std::size_t i = 0; i < c.bytes; ++i) {
-      if (bytes[i] != 0xff) throw std::runtime_error("echo_emu: shared memory written while a cp.async into it was in flight");
+      if (bytes[i] != 0xff) {
+        throw std::runtime_error("echo_emu: shared memory written while a cp.async into it was in flight");
+      }
     }
     std::memcpy(c.dst, c.src, c.bytes);
   }
@@ -358,14 +360,16 @@ void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_
 // Shared memory has 32 banks of 4 bytes. ldmatrix reads each 8 x 8 matrix (8 rows of 16 bytes,
 // lanes 8 j .. 8 j + 7) in one phase, which is conflict-free when the rows fall in 8 different
 // 16-byte bank groups.
+// Rows at the same address are one read (a broadcast), not a conflict.
 void count_ldmatrix_phases(const void* const* rows) {
   for (int j = 0; j < 4; ++j) {
-    unsigned groups = 0;
     bool conflict = false;
     for (int r = 0; r < 8; ++r) {
-      const unsigned group = 1u << ((reinterpret_cast<uintptr_t>(rows[8 * j + r]) / 16) % 8);
-      conflict = conflict || (groups & group) != 0;
-      groups |= group;
+      const auto a = reinterpret_cast<uintptr_t>(rows[8 * j + r]);
+      for (int earlier = 0; earlier < r; ++earlier) {
+        const auto b = reinterpret_cast<uintptr_t>(rows[8 * j + earlier]);
+        conflict = conflict || (a != b && (a / 16) % 8 == (b / 16) % 8);
+      }
     }
     counters.ldmatrix_phases += 1;
     counters.ldmatrix_conflicted_phases += conflict;
@@ -375,8 +379,12 @@ void count_ldmatrix_phases(const void* const* rows) {
 // ldmatrix .x4: lanes 8 j .. 8 j + 7 name the rows of matrix j; lane l receives, of each
 // matrix, elements (l / 4, 2 (l % 4) + {0, 1}), or with .trans (2 (l % 4) + {0, 1}, l / 4).
 void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3, bool transpose) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) throw std::runtime_error("echo_emu: ldmatrix row not 16-byte aligned");
-  if (!in_shared_memory(row, 16)) throw std::runtime_error("echo_emu: ldmatrix row outside the block's shared memory");
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    throw std::runtime_error("echo_emu: ldmatrix row not 16-byte aligned");
+  }
+  if (!in_shared_memory(row, 16)) {
+    throw std::runtime_error("echo_emu: ldmatrix row outside the block's shared memory");
+  }
   Warp& w = warp();
   const int l = lane();
   w.rows[l] = row;
@@ -416,16 +424,20 @@ void cp_async_fence() {
 
 void cp_async_wait(int groups_left) {
   Fiber& f = self();
-  if (groups_left == 0) complete(f.open_group);  // wait_all also retires uncommitted copies
   while (static_cast<int>(f.committed.size()) > groups_left) {
     complete(f.committed.front());
     f.committed.pop_front();
   }
+  if (groups_left == 0) complete(f.open_group);  // wait_all also retires uncommitted copies, last
 }
 
 void run_grid(dim3 grid, dim3 block_shape, std::size_t shared_bytes, const std::function<void()>& body) {
   const int threads = static_cast<int>(block_shape.x * block_shape.y * block_shape.z);
-  if (threads <= 0 || threads > 1024) throw std::runtime_error("echo_emu: bad block size");
+  if (threads <= 0 || threads > 1024) {
+    throw std::runtime_error("echo_emu: a block has 1 to 1024 threads, got " + std::to_string(block_shape.x) + " x " +
+                             std::to_string(block_shape.y) + " x " + std::to_string(block_shape.z));
+  }
+  if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("echo_emu: grid y and z must be <= 65535");
   if (current_block != nullptr) throw std::logic_error("echo_emu: nested launch");
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {

@@ -60,6 +60,12 @@ __global__ void partial_shuffle(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.0f, 1);
 }
 
+// One ldmatrix.x4 whose 32 rows lie `stride` bytes apart.
+__global__ void strided_ldmatrix(int stride) {
+  uint32_t d[4];
+  echo_emu::ldmatrix_x4(echo_emu::shared_memory() + threadIdx.x * stride, d[0], d[1], d[2], d[3], false);
+}
+
 // (thread, value) -> flat index layouts of CuTe's atom against the emulator's (row, col);
 // CuTe's index is row + rows * col. Returns the number of disagreeing entries.
 template <typename Layout, typename Element>
@@ -111,6 +117,9 @@ void echo_emu_bind_selftests(pybind11::module_& m) {
     return d;
   });
   m.def("emu_reset_counters", [] { echo_emu::performance_counters() = echo_emu::Counters{}; });
+  m.def("emu_strided_ldmatrix", [](int stride) {
+    echo_emu::launch(strided_ldmatrix, dim3(1), dim3(32), 32 * stride)(stride);
+  });
   m.def("emu_mma_layout_mismatches", [] {
     using Traits = cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN>;
     using TraitsBf16 = cute::MMA_Traits<cute::SM80_16x8x16_F32BF16BF16F32_TN>;
