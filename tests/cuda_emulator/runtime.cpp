@@ -7,17 +7,18 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <deque>
 #include <exception>
-#include <new>
 #include <memory>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "emu_cuda.h"
@@ -75,7 +76,6 @@ struct SharedMemory {
 
 struct Fiber {
   ucontext_t context;
-  std::unique_ptr<Stack> stack;
   uint3 index;
   State state = State::kRunnable;
   Collective waiting_for = Collective::kSyncWarp;
@@ -83,9 +83,9 @@ struct Fiber {
   std::deque<std::vector<Copy>> committed;
 };
 
+// Each lane's words in a warp exchange.
 struct Warp {
   uint32_t words[kWarpSize][kSlotWords];
-  const void* rows[kWarpSize];
 };
 
 struct Block {
@@ -116,7 +116,6 @@ int linear_thread() {
 }
 
 int lane() { return linear_thread() % kWarpSize; }
-Warp& warp() { return current_block->warps[linear_thread() / kWarpSize]; }
 
 void yield(State state, Collective collective = Collective::kSyncWarp) {
   Fiber& f = self();
@@ -127,6 +126,19 @@ void yield(State state, Collective collective = Collective::kSyncWarp) {
 
 // Every lane of the warp reaches `collective`; returns when all have.
 void warp_rendezvous(Collective collective) { yield(State::kWarpBarrier, collective); }
+
+// A warp exchange: this lane publishes `bytes` of `mine`, the warp meets at `collective`, then
+// read(words) sees every lane's words; a second meeting keeps any lane from overwriting its
+// words (at its next exchange) before all have read them.
+template <typename Read>
+auto exchange(Collective collective, const void* mine, std::size_t bytes, Read read) {
+  Warp& w = current_block->warps[linear_thread() / kWarpSize];
+  std::memcpy(w.words[linear_thread() % kWarpSize], mine, bytes);
+  warp_rendezvous(collective);
+  auto result = read(static_cast<const uint32_t(*)[kSlotWords]>(w.words));
+  warp_rendezvous(Collective::kRelease);
+  return result;
+}
 
 // Lands a group's copies; a destination that no longer holds the poison cp_async wrote was
 // stored to while its copy was in flight (a race on the GPU).
@@ -175,11 +187,14 @@ std::string describe(const Block& block) {
   return out.str() + " (x exited, B __syncthreads, r runnable, n waits at warp collective n)";
 }
 
+// Threads [first, last) of warp w.
+std::pair<int, int> warp_threads(const Block& block, int w) {
+  return {w * kWarpSize, std::min(static_cast<int>(block.fibers.size()), (w + 1) * kWarpSize)};
+}
+
 // Opens warp w's collective if all its lanes wait at it; throws if they wait at different ones.
 bool release_warp(Block& block, int w) {
-  const int threads = static_cast<int>(block.fibers.size());
-  const int first = w * kWarpSize;
-  const int last = std::min(threads, first + kWarpSize);
+  const auto [first, last] = warp_threads(block, w);
   for (int t = first; t < last; ++t) {
     if (block.fibers[t].state != State::kWarpBarrier) return false;
   }
@@ -196,9 +211,7 @@ bool release_warp(Block& block, int w) {
 // Runs warp w as far as it goes without the other warps: to a __syncthreads, its exit, or a
 // collective some of its lanes cannot reach.
 void run_warp(Block& block, int w, bool reverse_lanes) {
-  const int threads = static_cast<int>(block.fibers.size());
-  const int first = w * kWarpSize;
-  const int last = std::min(threads, first + kWarpSize);
+  const auto [first, last] = warp_threads(block, w);
   for (;;) {
     for (int n = first; n < last; ++n) {
       Fiber& f = block.fibers[reverse_lanes ? first + last - 1 - n : n];
@@ -215,7 +228,8 @@ void run_warp(Block& block, int w, bool reverse_lanes) {
 // One warp at a time, each as far ahead of the others as it can get (a missing __syncthreads
 // then lets a warp read what another has not written yet); the first warp to run rotates with
 // every barrier and with the block, so each warp leads some phases; the lanes of a warp run in
-// rising order in even phases and falling order in odd ones. A __syncthreads opens when every thread waits at it.
+// rising order in even phases and falling order in odd ones. A __syncthreads opens when every
+// thread waits at it.
 void run_block(Block& block) {
   const int warps = static_cast<int>(block.warps.size());
   const int lead = static_cast<int>(block.index.x + block.grid.x * (block.index.y + block.grid.y * block.index.z));
@@ -280,14 +294,10 @@ uint32_t shfl_xor_bits(unsigned mask, int width, uint32_t value, int lane_mask) 
 void wmma_rendezvous() { warp_rendezvous(Collective::kWmma); }
 
 void wmma_load_rendezvous(uint64_t digest) {
-  Warp& w = warp();
   const int l = lane();
-  std::memcpy(w.words[l], &digest, sizeof(digest));
-  warp_rendezvous(Collective::kWmma);
-  uint64_t first;
-  std::memcpy(&first, w.words[0], sizeof(first));
-  const bool same = std::memcmp(w.words[l], &first, sizeof(first)) == 0;
-  warp_rendezvous(Collective::kRelease);
+  const bool same = exchange(Collective::kWmma, &digest, sizeof(digest), [&](const uint32_t(*words)[kSlotWords]) {
+    return std::memcmp(words[l], words[0], sizeof(digest)) == 0;
+  });
   if (!same) {
     throw std::runtime_error("echo_emu: lanes of a warp loaded different WMMA tiles (a missing __syncwarp before "
                              "the load, or arguments that differ between lanes)");
@@ -295,13 +305,9 @@ void wmma_load_rendezvous(uint64_t digest) {
 }
 
 uint32_t shfl_xor_bits(uint32_t value, int lane_mask) {
-  Warp& w = warp();
-  const int l = lane();
-  w.words[l][0] = value;
-  warp_rendezvous(Collective::kShuffle);
-  const uint32_t got = w.words[(l ^ lane_mask) % kWarpSize][0];
-  warp_rendezvous(Collective::kRelease);
-  return got;
+  const int source = (lane() ^ lane_mask) % kWarpSize;
+  return exchange(Collective::kShuffle, &value, sizeof(value),
+                  [&](const uint32_t(*words)[kSlotWords]) { return words[source][0]; });
 }
 
 // Fragment layouts of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 g + t,
@@ -324,25 +330,28 @@ RowCol mma_c_element(int lane, int value) {
 
 void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint32_t a1, uint32_t a2,
                   uint32_t a3, uint32_t b0, uint32_t b1, float c0, float c1, float c2, float c3) {
-  Warp& w = warp();
-  const int l = lane();
+  struct Operands {
+    float a[16][16];
+    float b[16][8];
+  };
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
-  std::memcpy(w.words[l], mine, sizeof(mine));
-  warp_rendezvous(Collective::kMma);
-  float a[16][16];
-  float b[16][8];
-  for (int other = 0; other < kWarpSize; ++other) {
-    const uint32_t* regs = w.words[other];
-    for (int value = 0; value < 8; ++value) {
-      const RowCol e = mma_a_element(other, value);
-      a[e.row][e.col] = to_float(half_bits(regs[value / 2], value % 2), bf16);
+  const Operands ops = exchange(Collective::kMma, mine, sizeof(mine), [&](const uint32_t(*words)[kSlotWords]) {
+    Operands o;
+    for (int other = 0; other < kWarpSize; ++other) {
+      for (int value = 0; value < 8; ++value) {
+        const RowCol e = mma_a_element(other, value);
+        o.a[e.row][e.col] = to_float(half_bits(words[other][value / 2], value % 2), bf16);
+      }
+      for (int value = 0; value < 4; ++value) {
+        const RowCol e = mma_b_element(other, value);
+        o.b[e.row][e.col] = to_float(half_bits(words[other][4 + value / 2], value % 2), bf16);
+      }
     }
-    for (int value = 0; value < 4; ++value) {
-      const RowCol e = mma_b_element(other, value);
-      b[e.row][e.col] = to_float(half_bits(regs[4 + value / 2], value % 2), bf16);
-    }
-  }
-  warp_rendezvous(Collective::kRelease);
+    return o;
+  });
+  const int l = lane();
+  const auto& a = ops.a;
+  const auto& b = ops.b;
   const float c[4] = {c0, c1, c2, c3};
   float d[4];
   for (int value = 0; value < 4; ++value) {
@@ -359,8 +368,7 @@ void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_
 
 // Shared memory has 32 banks of 4 bytes. ldmatrix reads each 8 x 8 matrix (8 rows of 16 bytes,
 // lanes 8 j .. 8 j + 7) in one phase, which is conflict-free when the rows fall in 8 different
-// 16-byte bank groups.
-// Rows at the same address are one read (a broadcast), not a conflict.
+// 16-byte bank groups; rows at the same address are one read (a broadcast), not a conflict.
 void count_ldmatrix_phases(const void* const* rows) {
   for (int j = 0; j < 4; ++j) {
     bool conflict = false;
@@ -385,26 +393,30 @@ void ldmatrix_x4(const void* row, uint32_t& d0, uint32_t& d1, uint32_t& d2, uint
   if (!in_shared_memory(row, 16)) {
     throw std::runtime_error("echo_emu: ldmatrix row outside the block's shared memory");
   }
-  Warp& w = warp();
+  struct Fragments {
+    uint32_t d[4];
+  };
   const int l = lane();
-  w.rows[l] = row;
-  warp_rendezvous(Collective::kLdmatrix);
-  if (l == 0) count_ldmatrix_phases(w.rows);
-  uint32_t out[4];
-  for (int j = 0; j < 4; ++j) {
-    uint16_t e[2];
-    for (int h = 0; h < 2; ++h) {
-      const int r = transpose ? 2 * (l % 4) + h : l / 4;
-      const int c = transpose ? l / 4 : 2 * (l % 4) + h;
-      std::memcpy(&e[h], static_cast<const unsigned char*>(w.rows[8 * j + r]) + 2 * c, 2);
+  const Fragments out = exchange(Collective::kLdmatrix, &row, sizeof(row), [&](const uint32_t(*words)[kSlotWords]) {
+    const void* rows[kWarpSize];
+    for (int other = 0; other < kWarpSize; ++other) std::memcpy(&rows[other], words[other], sizeof(rows[other]));
+    if (l == 0) count_ldmatrix_phases(rows);
+    Fragments f;
+    for (int j = 0; j < 4; ++j) {
+      uint16_t e[2];
+      for (int h = 0; h < 2; ++h) {
+        const int r = transpose ? 2 * (l % 4) + h : l / 4;
+        const int c = transpose ? l / 4 : 2 * (l % 4) + h;
+        std::memcpy(&e[h], static_cast<const unsigned char*>(rows[8 * j + r]) + 2 * c, 2);
+      }
+      f.d[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
     }
-    out[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
-  }
-  warp_rendezvous(Collective::kRelease);
-  d0 = out[0];
-  d1 = out[1];
-  d2 = out[2];
-  d3 = out[3];
+    return f;
+  });
+  d0 = out.d[0];
+  d1 = out.d[1];
+  d2 = out.d[2];
+  d3 = out.d[3];
 }
 
 void cp_async(void* dst, const void* src, std::size_t bytes) {
@@ -439,6 +451,9 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t shared_bytes, const std::
   }
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("echo_emu: grid y and z must be <= 65535");
   if (current_block != nullptr) throw std::logic_error("echo_emu: nested launch");
+  // One stack per thread for the whole grid: a block's threads start afresh on them.
+  std::vector<std::unique_ptr<Stack>> stacks(threads);
+  for (auto& stack : stacks) stack = std::make_unique<Stack>();
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -452,9 +467,8 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t shared_bytes, const std::
         for (int t = 0; t < threads; ++t) {
           Fiber& f = block.fibers[t];
           f.index = uint3{t % block_shape.x, (t / block_shape.x) % block_shape.y, t / (block_shape.x * block_shape.y)};
-          f.stack = std::make_unique<Stack>();
           getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack->bottom();
+          f.context.uc_stack.ss_sp = stacks[t]->bottom();
           f.context.uc_stack.ss_size = kStackBytes;
           f.context.uc_link = &block.scheduler;
           makecontext(&f.context, fiber_main, 0);
