@@ -352,21 +352,50 @@ class Dropout(nn.Dropout):
 
 
 def conv_over_time(conv: nn.Conv1d, x: Tensor) -> Tensor:
-    """``conv`` applied along the time axis of ``x [B, T, d]``: ``[B, T', d]`` contiguous (T' = T
-    for stride 1 and "same" padding).
+    """``conv`` applied along the time axis of ``x [B, T, c_in]``: ``[B, T', c_out]`` contiguous
+    (T' = T for stride 1 and "same" padding). Other padding modes and string paddings take the
+    plain ``conv`` call.
 
-    Run as a channels-last ``conv2d`` on the ``[B, T, d]`` storage as it is, with no transposed
-    copy: on CPU oneDNN's depthwise kernel for that layout makes forward + backward of the
-    encoder's width-15 convolution 2.4x faster than ``nn.Conv1d`` on ``[B, d, T]`` (2.9 against
-    6.8 ms at B = 8, T = 100, d = 192; +3.5% training frames/s). Other padding modes and string
-    paddings take the plain ``conv`` call.
+    Both fast paths read the ``[B, T, c]`` storage as it is, with no transposed copy. A full
+    convolution (``groups == 1``) runs as one matrix product over windows of frames
+    (:func:`_conv_as_matmul`); a grouped one (the encoder's depthwise convolution) as a
+    channels-last ``conv2d``, for which oneDNN's depthwise kernel makes forward + backward of the
+    width-15 convolution 2.4x faster than ``nn.Conv1d`` on ``[B, d, T]`` (2.9 against 6.8 ms at
+    B = 8, T = 100, d = 192; +3.5% training frames/s).
     """
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return conv(x.transpose(1, 2)).transpose(1, 2).contiguous()
+    if conv.groups == 1 and conv.dilation[0] == 1:
+        return _conv_as_matmul(conv, x)
     x = x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, conv.stride[0]),
                  padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0]), groups=conv.groups)
     return y.squeeze(2).transpose(1, 2).contiguous()
+
+
+def _conv_as_matmul(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """Undilated full ``conv`` on ``x [B, T, c_in]`` as ``[B, T', k c_in] @ [k c_in, c_out]``.
+
+    The products then run at the BLAS rate in both directions: oneDNN's backward of the front
+    end's convolutions was the slow part of a training step's convolutions (front end forward +
+    backward at B = 8, T = 600: 33-39 against 50-61 ms, 2-core Zen 3). When the stride equals the
+    kernel (the front end's subsampling convolution at ``subsample=3``) the windows tile the
+    padded frames, and ``[B, T', k c_in]`` is a view of them, not a copy.
+    """
+    width, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    batch, length, _ = x.shape
+    out_length = (length + 2 * pad - width) // stride + 1
+    if out_length < 1:
+        return conv(x.transpose(1, 2)).transpose(1, 2).contiguous()  # conv's own error or empty output
+    # Right padding up to the last window's end; negative when the stride skips trailing frames.
+    x = F.pad(x, (0, 0, pad, (out_length - 1) * stride + width - length - pad))
+    weight = conv.weight  # [c_out, c_in, k]
+    if width == stride:
+        windows = x.view(batch, out_length, -1)  # (tap, channel) order
+        weight = weight.permute(0, 2, 1)
+    else:
+        windows = x.unfold(1, width, stride).reshape(batch, out_length, -1)  # (channel, tap) order
+    return F.linear(windows, weight.reshape(weight.shape[0], -1), conv.bias)
 
 
 class MLP(nn.Module):
@@ -486,9 +515,9 @@ class Echo(nn.Module):
         n = mel_lengths.clamp(min=1)[:, None, None].to(mel.dtype)
         mean = (mel * mask).sum(1, keepdim=True) / n
         std = ((((mel - mean) * mask) ** 2).sum(1, keepdim=True) / n).clamp(min=1e-5).sqrt()
-        x = ((mel - mean) / std * mask).transpose(1, 2)
-        x = F.gelu(self.conv1(x)) * mask.transpose(1, 2)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = (mel - mean) / std * mask
+        x = F.gelu(conv_over_time(self.conv1, x)) * mask
+        x = F.gelu(conv_over_time(self.conv2, x))
         enc_lengths = (mel_lengths + self.cfg.subsample - 1) // self.cfg.subsample
         x = self.drop(x)
         enc_f0 = stats = None
@@ -533,17 +562,22 @@ class Echo(nn.Module):
 
     def decode(
         self, tokens: Tensor, token_lengths: Tensor | None, enc: EncoderOutput, token_f0: Tensor | None = None,
-        *, return_cross: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        *, return_cross: bool = False, cross_kv: list[tuple[Tensor, Tensor]] | None = None,
+        weights_only: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Teacher-forced decoder: tokens ``[B, U]`` (starting with ``<bos>``) -> logits ``[B, U, V]``.
 
         With ``return_cross`` also the last layer's head-mean cross-attention weights ``[B, U, T']``
-        (used to estimate the f0 of the next token while decoding).
+        (used to estimate the f0 of the next token while decoding); ``weights_only`` returns
+        ``(None, weights)`` and skips what comes after them (the last layer's cross-attention
+        output, its MLP and the logits). ``cross_kv``: :meth:`cross_kv` of ``enc`` when the caller
+        already has it.
         """
         batch, length = tokens.shape
         x = self.drop(self.embed(tokens))
         base = self._decoder_base_features(token_f0, enc, batch, length, 0, token_lengths)
         cq, ck = self._cross_features(batch, length, enc.states.shape[1], x.device)
+        cross_kv = self.cross_kv(enc) if cross_kv is None else cross_kv
         cross = None
         for n, block in enumerate(self.decoder):
             h = block.norm1(x)
@@ -551,13 +585,19 @@ class Echo(nn.Module):
             x = x + block.drop(attend(block.self_attn, h, k, v, base, base, causal=True,
                                       q_lengths=token_lengths, k_lengths=token_lengths))
             h = block.norm2(x)
-            k, v = project_kv(block.cross_attn, enc.states)
+            k, v = cross_kv[n]
+            if (return_cross or weights_only) and n == len(self.decoder) - 1:
+                cross = self._cross_weights(block, h, k, cq, ck, enc.lengths)
+                if weights_only:
+                    return None, cross
             x = x + block.drop(attend(block.cross_attn, h, k, v, cq, ck, causal=False,
                                       q_lengths=token_lengths, k_lengths=enc.lengths))
-            if return_cross and n == len(self.decoder) - 1:
-                cross = self._cross_weights(block, h, k, cq, ck, enc.lengths)
             x = x + block.drop(block.mlp(block.norm3(x)))
         return self.dec_norm(x) @ self.embed.weight.t(), cross
+
+    def cross_kv(self, enc: EncoderOutput) -> list[tuple[Tensor, Tensor]]:
+        """Each decoder layer's cross-attention keys and values ``[B, Hk, T', D]`` of ``enc.states``."""
+        return [project_kv(block.cross_attn, enc.states) for block in self.decoder]
 
     def _cross_weights(self, block: DecoderBlock, h: Tensor, k: Tensor, cq: PitchFeatures, ck: PitchFeatures,
                        enc_lengths: Tensor) -> Tensor:
@@ -570,9 +610,8 @@ class Echo(nn.Module):
     def init_cache(self, enc: EncoderOutput) -> dict[str, Any]:
         """Decoding state: per-layer cross-attention keys/values (computed once) and empty self-attention
         key/value caches plus the cached keys' features."""
-        cross = [project_kv(block.cross_attn, enc.states) for block in self.decoder]
         return {"t": 0, "self_k": [None] * len(self.decoder), "self_v": [None] * len(self.decoder),
-                "feats": None, "cross": cross}
+                "feats": None, "cross": self.cross_kv(enc)}
 
     def step(self, token: Tensor, token_f0: Tensor | None, enc: EncoderOutput, cache: dict[str, Any]
              ) -> tuple[Tensor, Tensor]:
@@ -636,15 +675,16 @@ class Echo(nn.Module):
 
     @torch.no_grad()
     def attended_token_f0(self, tokens: Tensor, token_lengths: Tensor, enc: EncoderOutput,
-                          token_f0: Tensor | None) -> Tensor:
+                          token_f0: Tensor | None, cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Teacher-forced twin of decoding's token f0: tokens ``[B, U]`` (from ``<bos>``) -> ``[B, U]``.
 
         Token ``u >= 1`` gets :meth:`estimate_token_f0` of the cross-attention at position
         ``u - 1``, the query that predicted it, as in decoding; ``<bos>`` keeps its utterance mean.
         The pass that yields those weights uses ``token_f0`` (or the mean when None) for the
         earlier tokens, where decoding used its own estimates: one step of that fixed point.
+        ``cross_kv``: :meth:`cross_kv` of ``enc`` when the caller already has it.
         """
-        _, cross = self.decode(tokens, token_lengths, enc, token_f0, return_cross=True)
+        _, cross = self.decode(tokens, token_lengths, enc, token_f0, cross_kv=cross_kv, weights_only=True)
         est = self.estimate_token_f0(cross, enc)
         valid = lengths_to_mask(token_lengths, tokens.shape[1])
         return torch.cat([torch.zeros_like(est[:, :1]), est[:, :-1]], 1) * valid
@@ -666,9 +706,12 @@ class Echo(nn.Module):
         token_lengths = token_lengths.to(tokens.device).long()
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         in_f0 = None if token_f0 is None else token_f0[:, :-1]
+        cross_kv = self.cross_kv(enc)
         if cfg.pitch and cfg.decoder_f0 == "attended" and enc.f0 is not None:
-            in_f0 = self.attended_token_f0(inputs, token_lengths - 1, enc, in_f0)
-        logits, _ = self.decode(inputs, token_lengths - 1, enc, in_f0)
+            # The no-grad pass reads the same keys/values as the loss's pass, not a second projection.
+            detached = [(k.detach(), v.detach()) for k, v in cross_kv]
+            in_f0 = self.attended_token_f0(inputs, token_lengths - 1, enc, in_f0, detached)
+        logits, _ = self.decode(inputs, token_lengths - 1, enc, in_f0, cross_kv=cross_kv)
         att = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets.reshape(-1),
                               ignore_index=cfg.pad_id, label_smoothing=cfg.label_smoothing)
         out = {"att_loss": att, "tokens": (targets != cfg.pad_id).sum()}

@@ -89,22 +89,32 @@ def test_padding_does_not_change_outputs(pitch, subsample):
             torch.testing.assert_close(l1[0], logits[i, :lu], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("groups, kernel, stride, dilation, padding, mode", [
-    (6, 5, 1, 1, 2, "zeros"), (1, 3, 2, 1, 1, "zeros"), (3, 15, 1, 1, 7, "zeros"), (6, 3, 1, 2, 2, "zeros"),
-    (6, 5, 1, 1, "same", "zeros"), (6, 5, 1, 1, 2, "reflect"),
+@pytest.mark.parametrize("groups, kernel, stride, dilation, padding, mode, c_out, bias, length", [
+    (6, 5, 1, 1, 2, "zeros", 6, True, 23), (3, 15, 1, 1, 7, "zeros", 6, True, 23),
+    (6, 3, 1, 2, 2, "zeros", 6, True, 23), (6, 5, 1, 1, "same", "zeros", 6, True, 23),
+    (6, 5, 1, 1, 2, "reflect", 6, True, 23),
+    # Full convolutions (the front end's): windows copied (stride < kernel); windows tiling the
+    # padded frames (stride = kernel) with right padding 1, 0 and -2 (frames the stride skips);
+    # stride > kernel; wider output; no bias; dilated (the conv2d path).
+    (1, 3, 2, 1, 1, "zeros", 6, True, 23), (1, 3, 1, 1, 1, "zeros", 9, True, 23),
+    (1, 3, 3, 1, 1, "zeros", 9, True, 22), (1, 3, 3, 1, 1, "zeros", 9, True, 23),
+    (1, 3, 3, 1, 0, "zeros", 4, False, 23), (1, 2, 5, 1, 0, "zeros", 6, True, 23),
+    (1, 3, 2, 2, 1, "zeros", 6, True, 23),
 ])
-def test_conv_over_time_matches_conv1d_values_and_gradients(groups, kernel, stride, dilation, padding, mode):
+def test_conv_over_time_matches_conv1d_values_and_gradients(groups, kernel, stride, dilation, padding, mode,
+                                                            c_out, bias, length):
     torch.manual_seed(0)
-    conv = torch.nn.Conv1d(6, 6, kernel, stride=stride, dilation=dilation, padding=padding, groups=groups,
-                           padding_mode=mode).double()
-    x = torch.randn(3, 23, 6, dtype=torch.float64, requires_grad=True)
+    conv = torch.nn.Conv1d(6, c_out, kernel, stride=stride, dilation=dilation, padding=padding, groups=groups,
+                           padding_mode=mode, bias=bias).double()
+    x = torch.randn(3, length, 6, dtype=torch.float64, requires_grad=True)
     out = conv_over_time(conv, x)
     ref = conv(x.transpose(1, 2)).transpose(1, 2)
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
-    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    params = (x, conv.weight) + ((conv.bias,) if bias else ())
+    got = torch.autograd.grad(out, params, g)
+    want = torch.autograd.grad(ref, params, g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -185,6 +195,25 @@ def test_attended_token_f0_is_what_decoding_estimates():
     # From other first-pass values the estimate moves (one step of the fixed point), padding stays 0.
     other = m.attended_token_f0(tok, tl, enc, None)
     assert not torch.allclose(other, decoded) and (other[~valid] == 0).all()
+
+
+def test_decode_with_given_cross_kv_and_weights_only_matches_the_full_pass():
+    """The training shortcuts (keys/values projected once, the f0 pass cut after the last
+    layer's weights) change no value."""
+    m = _model(decoder_f0="attended")
+    mel, ml, f0, tok, tl, tf0 = _batch()
+    with torch.no_grad():
+        enc = m.encode(mel, ml, f0)
+        logits, cross = m.decode(tok, tl, enc, tf0, return_cross=True)
+        given, cross_given = m.decode(tok, tl, enc, tf0, return_cross=True, cross_kv=m.cross_kv(enc))
+        none, cross_only = m.decode(tok, tl, enc, tf0, weights_only=True)
+    assert none is None and cross.shape == (3, tok.shape[1], enc.states.shape[1])
+    torch.testing.assert_close(given, logits, rtol=0, atol=0)
+    torch.testing.assert_close(cross_given, cross, rtol=0, atol=0)
+    torch.testing.assert_close(cross_only, cross, rtol=0, atol=0)
+    # Given keys/values are the ones used: other values change the logits.
+    other = [(k, 2 * v) for k, v in m.cross_kv(enc)]
+    assert not torch.allclose(m.decode(tok, tl, enc, tf0, cross_kv=other)[0], logits)
 
 
 def test_attended_token_f0_changes_the_loss_and_trains():
