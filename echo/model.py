@@ -383,18 +383,19 @@ def _conv_as_matmul(conv: nn.Conv1d, x: Tensor) -> Tensor:
     padded frames, and ``[B, T', k c_in]`` is a view of them, not a copy.
     """
     width, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    batch, length, _ = x.shape
+    batch, length, channels = x.shape
     out_length = (length + 2 * pad - width) // stride + 1
-    if out_length < 1:
+    if out_length < 1 or length == 0 or batch == 0:
         return conv(x.transpose(1, 2)).transpose(1, 2).contiguous()  # conv's own error or empty output
-    # Right padding up to the last window's end; negative when the stride skips trailing frames.
-    x = F.pad(x, (0, 0, pad, (out_length - 1) * stride + width - length - pad))
+    # Padded up to the last window's end; frames the stride skips at the end are cut off.
+    right = (out_length - 1) * stride + width - length - pad
+    x = F.pad(x, (0, 0, pad, max(right, 0)))[:, : (out_length - 1) * stride + width]
     weight = conv.weight  # [c_out, c_in, k]
     if width == stride:
-        windows = x.view(batch, out_length, -1)  # (tap, channel) order
+        windows = x.reshape(batch, out_length, width * channels)  # (tap, channel) order; a view if x is contiguous
         weight = weight.permute(0, 2, 1)
     else:
-        windows = x.unfold(1, width, stride).reshape(batch, out_length, -1)  # (channel, tap) order
+        windows = x.unfold(1, width, stride).reshape(batch, out_length, channels * width)  # (channel, tap) order
     return F.linear(windows, weight.reshape(weight.shape[0], -1), conv.bias)
 
 
@@ -570,8 +571,8 @@ class Echo(nn.Module):
         With ``return_cross`` also the last layer's head-mean cross-attention weights ``[B, U, T']``
         (used to estimate the f0 of the next token while decoding); ``weights_only`` returns
         ``(None, weights)`` and skips what comes after them (the last layer's cross-attention
-        output, its MLP and the logits). ``cross_kv``: :meth:`cross_kv` of ``enc`` when the caller
-        already has it.
+        output, its MLP and the logits; in training mode with dropout, their masks are not drawn).
+        ``cross_kv``: :meth:`cross_kv` of ``enc`` when the caller already has it.
         """
         batch, length = tokens.shape
         x = self.drop(self.embed(tokens))

@@ -119,6 +119,19 @@ def test_conv_over_time_matches_conv1d_values_and_gradients(groups, kernel, stri
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, shape", [
+    (2, 2, 0, (2, 10, 5)),  # windows tiling an input that is not contiguous
+    (3, 1, 1, (2, 10, 5)),
+    (1, 5, 2, (2, 1, 5)),   # the stride skips more frames than there are
+    (3, 3, 1, (0, 10, 5)),  # empty batch
+])
+def test_conv_over_time_full_convolution_edge_cases(kernel, stride, padding, shape):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(5, 3, kernel, stride=stride, padding=padding)
+    x = torch.randn(shape[0], shape[2], shape[1]).transpose(1, 2)  # [B, T, c], not contiguous for T > 1
+    torch.testing.assert_close(conv_over_time(conv, x), conv(x.transpose(1, 2)).transpose(1, 2))
+
+
 def test_encoder_convolution_starts_as_the_plain_mlp_and_ignores_padding():
     plain, conv = _model(), _model(conv_kernel=5)
     missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
@@ -225,6 +238,10 @@ def test_attended_token_f0_changes_the_loss_and_trains():
     out["loss"].backward()
     grads = [p.grad for p in attended.decoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    # The loss pass's cross-attention keys/values stay in the graph (the f0 pass gets detached copies).
+    for block in attended.decoder:
+        for proj in (block.cross_attn.k_proj, block.cross_attn.v_proj):
+            assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
 
 
 def test_dense_weights_match_the_layer():
