@@ -364,13 +364,18 @@ def conv_over_time(conv: nn.Conv1d, x: Tensor) -> Tensor:
     B = 8, T = 100, d = 192; +3.5% training frames/s).
     """
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return conv(x.transpose(1, 2)).transpose(1, 2).contiguous()
+        return _conv_on_channels_first(conv, x)
     if conv.groups == 1 and conv.dilation[0] == 1:
         return _conv_as_matmul(conv, x)
     x = x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, conv.stride[0]),
                  padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0]), groups=conv.groups)
     return y.squeeze(2).transpose(1, 2).contiguous()
+
+
+def _conv_on_channels_first(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """``conv`` itself on ``x [B, T, c_in]`` transposed to ``[B, c_in, T]``: ``[B, T', c_out]`` contiguous."""
+    return conv(x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 def _conv_as_matmul(conv: nn.Conv1d, x: Tensor) -> Tensor:
@@ -386,7 +391,7 @@ def _conv_as_matmul(conv: nn.Conv1d, x: Tensor) -> Tensor:
     batch, length, channels = x.shape
     out_length = (length + 2 * pad - width) // stride + 1
     if out_length < 1 or length == 0 or batch == 0:
-        return conv(x.transpose(1, 2)).transpose(1, 2).contiguous()  # conv's own error or empty output
+        return _conv_on_channels_first(conv, x)  # conv's own error or empty output
     # Padded up to the last window's end; frames the stride skips at the end are cut off.
     right = (out_length - 1) * stride + width - length - pad
     x = F.pad(x, (0, 0, pad, max(right, 0)))[:, : (out_length - 1) * stride + width]
