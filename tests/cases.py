@@ -154,6 +154,13 @@ def constant_pitch(inputs: dict) -> dict:
     return inputs
 
 
+def assert_empty_row_is_zero(fused: dict) -> None:
+    """Batch entry 0 of a ``Case(empty_row=True)`` result has no key: its output and its q and k
+    gradients are exactly 0 (not NaN, not merely small)."""
+    assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
+    assert fused["q"][0].abs().max() == 0 and fused["k"][0].abs().max() == 0
+
+
 def check_backend(backend: str, case: Case, dtype: torch.dtype, device: str, ties: bool = False) -> dict:
     """Run ``backend``, the same-precision reference and the float64 golden on one case; assert
     FlashAttention's rule; return the backend's result (see ``run``)."""
