@@ -161,12 +161,7 @@ void fiber_main() {
   // for the scheduler, and end this thread.
   try {
     (*current_block->body)();
-    // A thread that exits with copies in flight: they still land (as on the GPU).
-    while (!f.committed.empty()) {
-      complete(f.committed.front());
-      f.committed.pop_front();
-    }
-    complete(f.open_group);
+    cp_async_wait(0);  // a thread that exits with copies in flight: they still land (as on the GPU)
   } catch (...) {
     if (!current_block->error) current_block->error = std::current_exception();
   }
