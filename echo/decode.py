@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,13 +91,75 @@ def _select(enc: EncoderOutput, index: Tensor) -> EncoderOutput:
     return EncoderOutput(pick(enc.states), pick(enc.lengths), pick(enc.f0), stats)
 
 
+@dataclass
+class _Search:
+    """One utterance's beam search between steps: the live hypotheses' token lists (their scores are
+    rows of the batched score tensor) and the finished ones as ``(ranking score, tokens)``."""
+
+    seqs: list[list[int]]
+    finished: list[tuple[float, list[int]]] = field(default_factory=list)
+
+    def result(self, live_scores: list[float]) -> list[int]:
+        """The best finished hypothesis; with none, the best live one (the first of equals), whose
+        scores are ``live_scores``."""
+        if not self.finished:
+            best = max(range(len(live_scores)), key=lambda r: (live_scores[r], -r))
+            self.finished.append((live_scores[best], self.seqs[best]))
+        return max(self.finished, key=lambda f: f[0])[1]
+
+
+@dataclass
+class _Expansion:
+    """The next beam of one utterance: rows of its current beam to continue, extended by ``last``."""
+
+    rows: list[int]
+    seqs: list[list[int]]
+    last: list[int]
+    scores: list[float]
+
+
+def _expand(search: _Search, top_scores: list[float], top_index: list[int], vocab: int, beam: int, eos: int,
+            length_penalty: float) -> _Expansion | None:
+    """Walks one utterance's best ``2 * beam`` candidates (flat ``row * vocab + token``, best first):
+    ``<eos>`` finishes a hypothesis, the first ``beam`` others form the next beam, padded with dead
+    copies (score -inf) so that every utterance keeps ``beam`` rows. None: the search is over."""
+    rows, seqs, last, scores = [], [], [], []
+    for s, flat in zip(top_scores, top_index):
+        if s == float("-inf"):
+            break
+        row, tok = divmod(flat, vocab)
+        if tok == eos:
+            search.finished.append((s / max(len(search.seqs[row]) + 1, 1) ** length_penalty, search.seqs[row]))
+            continue
+        rows.append(row)
+        seqs.append(search.seqs[row] + [tok])
+        last.append(tok)
+        scores.append(s)
+        if len(rows) == beam:
+            break
+    best_finished = max((f[0] for f in search.finished), default=float("-inf"))
+    # Scores only decrease, so with no length penalty a finished hypothesis that beats every live
+    # one is final; a penalty can favour longer ones later, so that search stops once it holds
+    # `beam` finished hypotheses.
+    if not rows or (best_finished >= max(scores) if length_penalty == 0 else len(search.finished) >= beam):
+        return None
+    while len(rows) < beam:
+        rows.append(rows[0])
+        seqs.append(seqs[0])
+        last.append(last[0])
+        scores.append(float("-inf"))
+    return _Expansion(rows, seqs, last, scores)
+
+
 @torch.no_grad()
 def beam_search(
     model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | None, *, beam: int = 4,
     max_len: int | None = None, length_penalty: float = 0.0, ctc_weight: float = 0.0,
     lm: NgramLM | None = None, lm_weight: float = 0.0,
 ) -> list[list[int]]:
-    """Beam search per utterance (the beams are the batch of the cached decoder).
+    """Beam search over a padded batch: each utterance's ``beam`` hypotheses are rows of one cached
+    decoder batch, and an utterance leaves the batch when its search ends. Every utterance gets the
+    search it would get alone (the rows never mix).
 
     Scores are summed log-probabilities; finished hypotheses are ranked by
     ``score / len ** length_penalty``. With ``length_penalty == 0`` the search stops as soon as the
@@ -115,73 +178,68 @@ def beam_search(
     if lm_weight < 0 or (lm_weight > 0 and lm is None):
         raise ValueError(f"lm_weight must be >= 0 and needs an lm, got {lm_weight} with lm={lm!r}")
     cfg = model.cfg
+    device = mel.device
     enc_all = model.encode(mel, mel_lengths, f0 if cfg.pitch else None)
-    ctc_log_probs = _ctc_log_probs(model, enc_all) if ctc_weight > 0 else None
-    results = []
-    for b in range(mel.shape[0]):
-        enc = _select(enc_all, torch.full((beam,), b, device=mel.device, dtype=torch.long))
-        steps = int(_length_limits(model, enc.lengths[:1], max_len)[0])
-        cache = model.init_cache(enc)
-        scorer = ctc_state = None
-        if ctc_log_probs is not None:
-            scorer = CTCPrefixScorer(ctc_log_probs[b, : int(enc_all.lengths[b])], cfg.pad_id, cfg.eos_id)
-            ctc_state = scorer.initial_state(beam)
-        seqs: list[list[int]] = [[] for _ in range(beam)]
-        last = torch.full((beam,), cfg.bos_id, dtype=torch.long, device=mel.device)
-        last_f0 = torch.zeros(beam, device=mel.device)
-        scores = torch.full((beam,), float("-inf"), device=mel.device)
-        scores[0] = 0.0  # all beams start identical: expand only the first
-        finished: list[tuple[float, list[int]]] = []
-        for _ in range(steps):
-            logits, cross = model.step(last, last_f0, enc, cache)
-            est = model.estimate_token_f0(cross, enc)
-            step_scores = logits.float().log_softmax(-1)
-            if scorer is not None:
-                ctc_scores, r_n, r_b = scorer.extend(ctc_state)
-                ctc_gain = (ctc_scores - ctc_state.score[:, None]).float()
-                step_scores = (1.0 - ctc_weight) * step_scores + ctc_weight * ctc_gain
-            if lm is not None and lm_weight > 0:
-                step_scores = step_scores + lm_weight * lm.log_probs(seqs).to(step_scores.device)
-            step_scores[:, never_emitted(cfg)] = float("-inf")
-            total = scores[:, None] + step_scores
-            top_scores, top_index = total.view(-1).topk(min(2 * beam, total.numel()))
-            rows, new_seqs, new_last, new_scores = [], [], [], []
-            for s, flat in zip(top_scores.tolist(), top_index.tolist()):
-                if s == float("-inf"):
-                    break
-                row, tok = divmod(flat, total.shape[1])
-                if tok == cfg.eos_id:
-                    finished.append((s / max(len(seqs[row]) + 1, 1) ** length_penalty, seqs[row]))
-                    continue
-                rows.append(row)
-                new_seqs.append(seqs[row] + [tok])
-                new_last.append(tok)
-                new_scores.append(s)
-                if len(rows) == beam:
-                    break
-            best_finished = max((f[0] for f in finished), default=float("-inf"))
-            # Scores only decrease, so with no length penalty a finished hypothesis that beats every
-            # live one is final; a penalty can favour longer ones later, so that search stops once
-            # it holds `beam` finished hypotheses.
-            if not rows or (best_finished >= max(new_scores) if length_penalty == 0 else len(finished) >= beam):
-                break
-            while len(rows) < beam:  # pad with dead beams so the cache keeps its batch size
-                rows.append(rows[0])
-                new_seqs.append(new_seqs[0])
-                new_last.append(new_last[0])
-                new_scores.append(float("-inf"))
-            index = torch.tensor(rows, device=mel.device)
-            model.reorder_cache(cache, index)
-            seqs = new_seqs
-            last = torch.tensor(new_last, device=mel.device)
-            if scorer is not None:
-                ctc_state = scorer.select(index, last, ctc_scores, r_n, r_b)
-            last_f0 = est.index_select(0, index) if est is not None else torch.zeros(beam, device=mel.device)
-            scores = torch.tensor(new_scores, device=mel.device)
-        if not finished:
-            best = int(scores.argmax())
-            finished.append((float(scores[best]), seqs[best]))
-        results.append(max(finished, key=lambda f: f[0])[1])
+    limits = _length_limits(model, enc_all.lengths, max_len).tolist()
+    batch = mel.shape[0]
+
+    def rows_of(utterances: list[int]) -> Tensor:
+        return torch.tensor(utterances, device=device, dtype=torch.long).repeat_interleave(beam)
+
+    active = list(range(batch))  # utterances still searching, in order; utterance active[i] owns rows i*beam...
+    enc = _select(enc_all, rows_of(active))
+    cache = model.init_cache(enc)
+    scorer = ctc_state = None
+    if ctc_weight > 0:
+        scorer = CTCPrefixScorer(_ctc_log_probs(model, enc_all), cfg.pad_id, cfg.eos_id, lengths=enc_all.lengths)
+        ctc_state = scorer.initial_state(beam)
+    searches = [_Search([[] for _ in range(beam)]) for _ in range(batch)]
+    results: list[list[int]] = [[] for _ in range(batch)]
+    last = torch.full((batch * beam,), cfg.bos_id, dtype=torch.long, device=device)
+    last_f0 = torch.zeros(batch * beam, device=device)
+    scores = torch.full((batch * beam,), float("-inf"), device=device)
+    scores[::beam] = 0.0  # an utterance's beams start identical: expand only the first
+    for n in range(max(limits, default=0)):
+        logits, cross = model.step(last, last_f0, enc, cache)
+        est = model.estimate_token_f0(cross, enc)
+        step_scores = logits.float().log_softmax(-1)
+        if scorer is not None:
+            ctc_scores, r_n, r_b = scorer.extend(ctc_state)
+            ctc_gain = (ctc_scores - ctc_state.score[:, None]).float()
+            step_scores = (1.0 - ctc_weight) * step_scores + ctc_weight * ctc_gain
+        if lm is not None and lm_weight > 0:
+            prefixes = [seq for u in active for seq in searches[u].seqs]
+            step_scores = step_scores + lm_weight * lm.log_probs(prefixes).to(step_scores.device)
+        step_scores[:, never_emitted(cfg)] = float("-inf")
+        vocab = step_scores.shape[1]
+        total = (scores[:, None] + step_scores).view(len(active), beam * vocab)
+        top_scores, top_index = total.topk(min(2 * beam, beam * vocab), dim=1)
+        still, keep, new_last, new_scores = [], [], [], []
+        for i, (u, u_scores, u_index) in enumerate(zip(active, top_scores.tolist(), top_index.tolist())):
+            search = searches[u]
+            expansion = _expand(search, u_scores, u_index, vocab, beam, cfg.eos_id, length_penalty)
+            if expansion is not None:
+                search.seqs = expansion.seqs
+            if expansion is None or n + 1 >= limits[u]:
+                live = expansion.scores if expansion is not None else scores[i * beam:(i + 1) * beam].tolist()
+                results[u] = search.result(live)
+                continue
+            still.append(u)
+            keep += [i * beam + r for r in expansion.rows]
+            new_last += expansion.last
+            new_scores += expansion.scores
+        if not still:
+            break
+        index = torch.tensor(keep, device=device)
+        model.reorder_cache(cache, index)
+        if len(still) < len(active):
+            enc = _select(enc_all, rows_of(still))
+        last = torch.tensor(new_last, device=device)
+        if scorer is not None:
+            ctc_state = scorer.select(ctc_state, index, last, ctc_scores, r_n, r_b)
+        last_f0 = est.index_select(0, index) if est is not None else torch.zeros(len(keep), device=device)
+        scores = torch.tensor(new_scores, device=device)
+        active = still
     return results
 
 

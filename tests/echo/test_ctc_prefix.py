@@ -36,7 +36,7 @@ def _walk(scorer, prefix):
     state = scorer.initial_state(1)
     for token in prefix:
         score, r_n, r_b = scorer.extend(state)
-        state = scorer.select(torch.tensor([0]), torch.tensor([token]), score, r_n, r_b)
+        state = scorer.select(state, torch.tensor([0]), torch.tensor([token]), score, r_n, r_b)
     return state, scorer.extend(state)[0][0]
 
 
@@ -72,9 +72,50 @@ def test_scores_never_increase_along_a_prefix():
     for token in (1, 4, 4, 2):
         score, r_n, r_b = scorer.extend(state)
         assert bool((score <= state.score[:, None] + 1e-12).all())
-        state = scorer.select(torch.tensor([0, 1]), torch.tensor([token, token]), score, r_n, r_b)
+        state = scorer.select(state, torch.tensor([0, 1]), torch.tensor([token, token]), score, r_n, r_b)
 
 
 def test_bad_posteriors_are_named():
     with pytest.raises(ValueError, match="log_probs"):
         CTCPrefixScorer(torch.zeros(0, 5), BLANK, EOS)
+
+
+def test_a_padded_batch_scores_each_utterance_as_alone():
+    # Three utterances of 7, 3 and 1 frames in one [3, 7, V] batch (garbage in the padding): every
+    # hypothesis's scores and forward variables are those of its utterance scored alone.
+    gen = torch.Generator().manual_seed(11)
+    lengths = [7, 3, 1]
+    batch = torch.randn(3, 7, 6, generator=gen).double().log_softmax(-1)
+    batch[1, 3:] = 50.0
+    batch[2, 1:] = float("nan")
+    scorer = CTCPrefixScorer(batch, BLANK, EOS, lengths=torch.tensor(lengths))
+    alone = [CTCPrefixScorer(batch[b, :n], BLANK, EOS) for b, n in enumerate(lengths)]
+    state, states = scorer.initial_state(2), [s.initial_state(2) for s in alone]
+    assert state.utt.tolist() == [0, 0, 1, 1, 2, 2]
+    for tokens in ([1, 2], [4, 4], [EOS, 1]):  # the first step keeps rows 0, 1 of each utterance
+        score, r_n, r_b = scorer.extend(state)
+        for b, (single, own) in enumerate(zip(alone, states)):
+            own_score, own_r_n, own_r_b = single.extend(own)
+            n = lengths[b]
+            assert torch.equal(score[2 * b:2 * b + 2], own_score)
+            assert torch.equal(r_n[2 * b:2 * b + 2, :, :n], own_r_n)
+            assert torch.equal(r_b[2 * b:2 * b + 2, :, :n], own_r_b)
+            states[b] = single.select(own, torch.tensor([1, 0]), torch.tensor(tokens), own_score, own_r_n, own_r_b)
+        rows = torch.tensor([1, 0, 3, 2, 5, 4])
+        state = scorer.select(state, rows, torch.tensor(tokens * 3), score, r_n, r_b)
+        assert state.utt.tolist() == [0, 0, 1, 1, 2, 2]
+    # Hypotheses leave the batch: the utterance of each remaining row follows it.
+    state = scorer.select(state, torch.tensor([4, 1]), torch.tensor([2, 2]), *scorer.extend(state))
+    assert state.utt.tolist() == [2, 0]
+    score = scorer.extend(state)[0]
+    assert not score.isnan().any() and torch.isfinite(score[1, [1, 2, 4, EOS]]).all()
+    assert score[0, 1] == float("-inf")  # one frame holds no third label
+
+
+def test_bad_lengths_are_named():
+    log_probs = torch.zeros(2, 4, 5)
+    for lengths in (torch.tensor([4, 0]), torch.tensor([5, 1]), torch.tensor([4])):
+        with pytest.raises(ValueError, match="lengths"):
+            CTCPrefixScorer(log_probs, BLANK, EOS, lengths=lengths)
+    with pytest.raises(ValueError, match="lengths go with a batch"):
+        CTCPrefixScorer(log_probs[0], BLANK, EOS, lengths=torch.tensor([4]))

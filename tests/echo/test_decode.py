@@ -64,6 +64,23 @@ def test_beam_one_is_greedy_and_batching_is_consistent():
     assert alone == greedy
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_beam_search_decodes_each_utterance_of_a_batch_as_alone(beam):
+    # The batch's utterances search together (their searches end at different steps and leave the
+    # batch); each must get the hypothesis it gets alone, with the CTC prefix scores and the n-gram too.
+    from echo.ngram import NgramLM
+    from echo.text import CharTokenizer
+
+    m, mel, ml, f0 = _setup(seed=2)
+    lm = NgramLM(["a cab", "abba", "bad cab"], CharTokenizer(), order=3)
+    for options in ({}, {"ctc_weight": 0.5}, {"lm": lm, "lm_weight": 0.5}):
+        together = beam_search(m, mel, ml, f0, beam=beam, **options)
+        alone = [beam_search(m, mel[i:i + 1, : int(ml[i])], ml[i:i + 1], f0[i:i + 1, : int(ml[i])], beam=beam,
+                             **options)[0] for i in range(3)]
+        assert together == alone, options
+        assert len({len(ids) for ids in together}) > 1 and any(len(set(ids)) > 1 for ids in together)
+
+
 def test_greedy_and_beam_one_stop_a_looping_decoder_at_the_same_length():
     # subsample 3: one encoder frame is 30 ms, the length bound counts 20 ms per token.
     m, mel, ml, f0 = _setup(seed=2, subsample=3, max_decode_len=200)
