@@ -158,8 +158,9 @@ def beam_search(
     lm: NgramLM | None = None, lm_weight: float = 0.0,
 ) -> list[list[int]]:
     """Beam search over a padded batch: each utterance's ``beam`` hypotheses are rows of one cached
-    decoder batch, and an utterance leaves the batch when its search ends. Every utterance gets the
-    search it would get alone (the rows never mix).
+    decoder batch, and an utterance leaves the batch when its search ends. The rows never mix, so
+    every utterance gets the search it would get alone, up to the last bits of batched matrix
+    products (a GPU may pick other kernels for other batch sizes; on CPU the transcripts agree).
 
     Scores are summed log-probabilities; finished hypotheses are ranked by
     ``score / len ** length_penalty``. With ``length_penalty == 0`` the search stops as soon as the
