@@ -449,8 +449,11 @@ class WeightAverage:
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
-        self._source: nn.Module | None = None  # the model of the last update, and its tensor pairs:
-        self._pairs: tuple[list[torch.Tensor], ...] = ()  # walking the module tree every step cost 1.4 ms
+        # The model of the last update and the tensor lists of both models (averaged parameters,
+        # its parameters, averaged buffers, its buffers), kept: walking both module trees every
+        # step cost 1.4 ms.
+        self._source: nn.Module | None = None
+        self._pairs: tuple[list[torch.Tensor], ...] = ()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
