@@ -66,6 +66,20 @@ def random_f0(batch: int, length: int, voiced_fraction: float, gen: torch.Genera
     return torch.where(voiced, f0, torch.zeros_like(f0))
 
 
+def case_lengths(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_lengths, k_lengths)`` of a case, int64 ``[B]``: full but for the last entry when padded
+    (2/3 of the queries, 3/5 of the keys) and entry 0 without keys when ``empty_row``."""
+    b, tq, tk = case.batch, case.tq, case.tk
+    q_lengths = torch.full((b,), tq, dtype=torch.int64)
+    k_lengths = torch.full((b,), tk, dtype=torch.int64)
+    if case.padded and b > 1:
+        q_lengths[-1] = max(1, tq * 2 // 3)
+        k_lengths[-1] = max(1, tk * 3 // 5)
+    if case.empty_row:
+        k_lengths[0] = 0
+    return q_lengths, k_lengths
+
+
 def make_case(case: Case, dtype: torch.dtype, device: str = "cpu"):
     """Inputs of one case as a dict of float64 leaf tensors (cast per run)."""
     gen = torch.Generator().manual_seed(case.seed)
@@ -75,13 +89,7 @@ def make_case(case: Case, dtype: torch.dtype, device: str = "cpu"):
     v = torch.randn(b, hk, tk, d, generator=gen, dtype=torch.float64)
     f0q = random_f0(b, tq, case.voiced_fraction, gen)
     f0k = random_f0(b, tk, case.voiced_fraction, gen)
-    q_lengths = torch.full((b,), tq, dtype=torch.int64)
-    k_lengths = torch.full((b,), tk, dtype=torch.int64)
-    if case.padded and b > 1:
-        q_lengths[-1] = max(1, tq * 2 // 3)
-        k_lengths[-1] = max(1, tk * 3 // 5)
-    if case.empty_row:
-        k_lengths[0] = 0
+    q_lengths, k_lengths = case_lengths(case)
     alpha = 0.5 + torch.rand(h, generator=gen, dtype=torch.float64)
     dout = torch.randn(b, h, tq, d, generator=gen, dtype=torch.float64)
     return {"q": q, "k": k, "v": v, "f0q": f0q, "f0k": f0k, "q_lengths": q_lengths, "k_lengths": k_lengths, "alpha": alpha,
@@ -154,11 +162,22 @@ def constant_pitch(inputs: dict) -> dict:
     return inputs
 
 
-def assert_empty_row_is_zero(fused: dict) -> None:
-    """Batch entry 0 of a ``Case(empty_row=True)`` result has no key: its output and its q and k
-    gradients are exactly 0 (not NaN, not merely small)."""
-    assert torch.equal(fused["out"][0], torch.zeros_like(fused["out"][0]))
-    assert fused["q"][0].abs().max() == 0 and fused["k"][0].abs().max() == 0
+def assert_keyless_rows_are_zero(fused: dict, case: Case) -> None:
+    """Every query row that sees no key has output exactly 0 (not NaN, not merely small): all rows of
+    an entry with k_length 0, padded rows i >= q_length and, under the causal mask (aligned at the
+    ends of the valid lengths), rows i < q_length - k_length. An entry with k_length 0 also has
+    exactly zero q and k gradients."""
+    out = fused["out"]
+    q_lengths, k_lengths = case_lengths(case)
+    for b, (lq, lk) in enumerate(zip(q_lengths.tolist(), k_lengths.tolist(), strict=True)):
+        if lk == 0:
+            first_seeing = lq
+        else:
+            first_seeing = max(0, lq - lk) if case.causal else 0
+        keyless = torch.cat([out[b, :, :first_seeing], out[b, :, lq:]], dim=1)
+        assert torch.equal(keyless, torch.zeros_like(keyless)), f"batch {b}: a row without keys is not 0"
+        if lk == 0:
+            assert fused["q"][b].abs().max() == 0 and fused["k"][b].abs().max() == 0, f"batch {b}: gradients"
 
 
 def check_backend(backend: str, case: Case, dtype: torch.dtype, device: str, ties: bool = False) -> dict:
