@@ -23,7 +23,7 @@ Design notes (why, not what):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from echo.align import downsample_f0, lengths_to_mask
+from echo.config import section_from_dict
 from echo_kernels import PitchFeatures, RopeAttention, rope_attention
 
 THETA_MODES = ("fixed", "f0", "mean_f0", "f0_offset")
@@ -136,14 +137,9 @@ class EchoConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EchoConfig:
-        """Build from a mapping, refusing unknown keys (a typo must not silently fall back)."""
-        if not isinstance(data, dict):
-            raise TypeError(f"model config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        """Build from a mapping, refusing unknown keys (a typo must not silently fall back) and
+        values of the wrong type (:func:`echo.config.section_from_dict`)."""
+        return section_from_dict(cls, data, "model")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (YAML/JSON/checkpoint friendly)."""

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from echo.align import token_f0
 from echo.augment import AugmentConfig, augment_batch, step_generator
+from echo.config import section_from_dict
 from echo.data.dataset import Batch, Collator, Example, SpeechDataset
 from echo.decode import DECODERS
 from echo.files import atomic_save
@@ -63,8 +64,19 @@ class DataConfig:
     keep_in_memory: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_duration is not None and not self.max_duration > 0:
+            raise ValueError(f"data.max_duration must be > 0 seconds or null (keep all), got {self.max_duration}")
+        if self.synthetic_size < 1:
+            raise ValueError(f"data.synthetic_size must be >= 1, got {self.synthetic_size}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ValueError(f"data.tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}")
+
+
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
+# What 0 means for the train settings that may be 0.
+ZERO_MEANS = {"eval_every": "no dev evaluation", "ckpt_every": "checkpoints only at the end",
+              "eval_max_utts": "all of dev", "num_workers": "load in the main process",
+              "threads": "PyTorch's default"}
 
 
 @dataclass
@@ -105,6 +117,14 @@ class TrainConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
+        if self.device not in TRAIN_DEVICES:
+            raise ValueError(f"train.device must be one of {TRAIN_DEVICES}, got {self.device!r}")
+        for name in ("eval_batch_size", "bucket_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "eval_max_utts", "num_workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0 = {ZERO_MEANS[name]}), got {getattr(self, name)}")
         if self.eval_decoder not in DECODERS:
             raise ValueError(f"train.eval_decoder must be one of {DECODERS}, got {self.eval_decoder!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -136,21 +156,6 @@ class RunConfig:
                 "augment": asdict(self.augment)}
 
 
-def _section(cls: type, data: Any, name: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise TypeError(f"config section '{name}' must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown keys in config section '{name}': {unknown}; known: {sorted(known)}")
-    data = dict(data)
-    if "betas" in data:
-        data["betas"] = tuple(data["betas"])
-    return cls(**data)
-
-
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a nested mapping ``{model, train, data, augment}`` into a :class:`RunConfig`."""
     if not isinstance(data, dict):
@@ -159,7 +164,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown config sections {unknown}; expected model, train, data, augment")
     model = EchoConfig.from_dict(data.get("model") or {})
-    train = _section(TrainConfig, data.get("train"), "train")
+    train = section_from_dict(TrainConfig, data.get("train"), "train")
     for name in ("batch_size", "max_steps", "log_every"):
         if getattr(train, name) <= 0:
             raise ValueError(f"train.{name} must be positive, got {getattr(train, name)}")
@@ -169,8 +174,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         # Caught here, not at the first dev evaluation minutes into the run.
         raise ValueError(f"train.eval_decoder {train.eval_decoder!r} needs the CTC head: set model.ctc_weight > 0 "
                          "or train.eval_decoder to 'attention'")
-    return RunConfig(model, train, _section(DataConfig, data.get("data"), "data"),
-                     _section(AugmentConfig, data.get("augment"), "augment"))
+    return RunConfig(model, train, section_from_dict(DataConfig, data.get("data"), "data"),
+                     section_from_dict(AugmentConfig, data.get("augment"), "augment"))
 
 
 def _parse_value(text: str) -> Any:

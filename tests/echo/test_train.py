@@ -259,6 +259,30 @@ def test_bad_config_is_reported(tmp_path):
     assert cfg.model.d_model == 64 and cfg.train.max_steps == 7 and cfg.model.bias is None
 
 
+def test_config_values_are_checked_against_their_types(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: a float field takes it as the number; a value
+    of the wrong type is refused with its section.key, not a TypeError deep in training."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  lr: 1e-3\n  betas: [0.9, 1e-2]\n")
+    cfg = load_config(cfg_file, ["model.ctc_weight=1e-1", "data.cache_dir=null"])
+    assert cfg.train.lr == 0.001 and cfg.train.betas == (0.9, 0.01) and cfg.model.ctc_weight == 0.1
+    assert cfg.data.cache_dir is None
+    refused = [("train.batch_size=8.5", TypeError, "train.batch_size must be an integer, got 8.5"),
+               ("train.fit_schedule=maybe", TypeError, "train.fit_schedule must be true or false"),
+               ("model.dropout=abc", TypeError, "model.dropout must be a number, got 'abc'"),
+               ("model.d_model=true", TypeError, "model.d_model must be an integer, got True"),
+               ("data.corpus=3", TypeError, "data.corpus must be a string"),
+               ("train.betas=0.9", TypeError, "train.betas must be a list of 2 values"),
+               ("train.betas=[0.9,x]", TypeError, r"train.betas\[1\] must be a number"),
+               ("train.eval_every=-5", ValueError, "train.eval_every must be >= 0"),
+               ("train.eval_batch_size=0", ValueError, "train.eval_batch_size must be >= 1"),
+               ("train.device=tpu", ValueError, "train.device must be one of"),
+               ("data.max_duration=-3", ValueError, "data.max_duration must be > 0")]
+    for override, error, message in refused:
+        with pytest.raises(error, match=message):
+            load_config(None, [override])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
