@@ -14,16 +14,28 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the sub-command's ``main``; returns the exit status."""
+    """Dispatch to the sub-command's ``main``; returns the exit status. Bad input that only shows
+    once the command runs (a config value, a manifest line, a file that is not a checkpoint:
+    ``ValueError``, ``TypeError``, ``FileNotFoundError``) is one line on stderr and status 1,
+    not a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: python -m echo COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = "usage: python -m echo COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines)
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return 0
+        problem = f"unknown command {argv[0]!r}" if argv else "a command is required"
+        print(f"{usage}\npython -m echo: error: {problem}", file=sys.stderr)
+        return 2
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    try:
+        return module.main(argv[1:])
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"python -m echo {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Pitch-feature ablation: ``python -m echo ablate --config configs/tiny.yaml --seeds 2``.
 
 Trains the same budget with (a) plain RoPE and no bias, (b) f0-driven theta, (c) + variable radius,
-(d) + pitch bias, and optionally (e) f0 theta + bias with unit radius and (f) the bias alone with a
-fixed theta and unit radius (``configs/tiny.yaml``'s choice; ``--variants abcdef``), for each seed;
+(d) + pitch bias and (f) the bias alone with a fixed theta and unit radius (``configs/tiny.yaml``'s
+choice), and on request (``--variants abcdef``) (e) f0 theta + bias with unit radius, for each seed;
 scores dev and test (joint CTC/attention search with one hypothesis, as the project reports its
 scores, and greedy attention and greedy CTC alone) and writes a Markdown table of mean +- spread
 (sample standard deviation over seeds; 0 with one seed) to ``docs/results/ablation.md``.
@@ -69,6 +69,8 @@ def run_ablation(config: str | Path, *, seeds: int = 2, variants: str = DEFAULT_
     from echo.viz import plot_ablation
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if not variants:
+        raise ValueError(f"variants must name at least one of {sorted(VARIANTS)}")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
@@ -142,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m echo ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="subset of 'abcdef' (f: configs/tiny.yaml's choice)")
-    p.add_argument("--out-dir", default="runs/ablation")
-    p.add_argument("--results", default="docs/results/ablation.md")
+    p.add_argument("--config", required=True, help="the config every variant starts from (e.g. configs/tiny.yaml)")
+    p.add_argument("--seeds", type=int, default=2, help="training runs per variant, seeds 0.. (default 2)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"letters of the variants to run, a subset of {''.join(VARIANTS)!r} (default "
+                        f"{DEFAULT_VARIANTS!r}; f is configs/tiny.yaml's choice)")
+    p.add_argument("--out-dir", default="runs/ablation", help="one run folder per variant and seed (default runs/ablation)")
+    p.add_argument("--results", default="docs/results/ablation.md",
+                   help="the Markdown table to (re)write, a JSON of the raw scores beside it "
+                        "(default docs/results/ablation.md; notes below its marker are kept)")
     p.add_argument("--eval-max-utts", type=int, default=0, help="score only the first N dev/test utterances")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override for every run (e.g. train.max_minutes=5)")

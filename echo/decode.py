@@ -294,19 +294,54 @@ def decode_batch(model: Echo, mel: Tensor, mel_lengths: Tensor, f0: Tensor | Non
                        ctc_weight=ctc_weight if decoder == "joint" else 0.0, lm=lm, lm_weight=lm_weight)
 
 
-def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--beam``, ``--decoder`` and ``--ctc-weight``, shared by ``transcribe`` and ``evaluate``."""
-    parser.add_argument("--beam", type=int, default=1, help="hypotheses kept (1 = greedy)")
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--device`` and the search options, shared by ``transcribe`` and ``evaluate``;
+    :func:`check_decoding_arguments` checks them after parsing."""
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="a training checkpoint: best.pt or last.pt of a run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    parser.add_argument("--beam", type=int, default=1, help="hypotheses kept (default 1 = greedy)")
     parser.add_argument("--decoder", choices=DECODERS, default="attention",
-                        help="attention: autoregressive decoder; ctc: greedy CTC on the encoder; "
-                             "joint: attention and CTC prefix scores together")
-    parser.add_argument("--ctc-weight", type=float, default=JOINT_CTC_WEIGHT,
+                        help="attention (default): autoregressive decoder; ctc: greedy CTC on the encoder; "
+                             "joint: attention and CTC prefix scores together (what training's dev scores use)")
+    parser.add_argument("--ctc-weight", type=float, default=None,
                         help=f"weight of the CTC prefix score with --decoder joint (default {JOINT_CTC_WEIGHT})")
     parser.add_argument("--lm", default=None, metavar="FILE",
                         help="fuse an n-gram of the checkpoint's tokens trained on FILE: a manifest (.jsonl; use the training "
                              "split's, never the test's) or one sentence per line")
-    parser.add_argument("--lm-weight", type=float, default=LM_WEIGHT,
+    parser.add_argument("--lm-weight", type=float, default=None,
                         help=f"weight of the n-gram's log-probabilities with --lm (default {LM_WEIGHT})")
+
+
+def check_decoding_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad or conflicting options of :func:`add_decoding_arguments` with the parser's usage
+    error, before the model loads (an option that would be ignored is refused too), and fill in
+    the weights' defaults."""
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device} is not available here (use cpu)")
+    if args.beam < 1:
+        parser.error(f"--beam must be >= 1, got {args.beam}")
+    if args.decoder == "ctc" and (args.beam > 1 or args.lm is not None):
+        parser.error("--decoder ctc is greedy: --beam and --lm need --decoder attention or joint")
+    if args.ctc_weight is not None and args.decoder != "joint":
+        parser.error("--ctc-weight needs --decoder joint")
+    if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
+        parser.error(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
+    if args.lm_weight is not None and args.lm is None:
+        parser.error("--lm-weight needs --lm")
+    if args.lm_weight is not None and not args.lm_weight > 0:
+        parser.error(f"--lm-weight must be > 0, got {args.lm_weight}")
+    if args.lm is not None and not Path(args.lm).is_file():
+        parser.error(f"--lm {args.lm}: no such file")
+    args.ctc_weight = JOINT_CTC_WEIGHT if args.ctc_weight is None else args.ctc_weight
+    args.lm_weight = LM_WEIGHT if args.lm_weight is None else args.lm_weight
 
 
 def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> NgramLM | None:
@@ -314,37 +349,49 @@ def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> NgramLM | None
     return None if path is None else NgramLM.from_file(path, tokenizer)
 
 
-def transcribe_files(checkpoint: str | Path, paths: list[str | Path], *, beam: int = 1, device: str = "cpu",
-                     decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT,
-                     lm: str | Path | None = None, lm_weight: float = LM_WEIGHT) -> list[str]:
-    """Transcripts of audio files with a trained checkpoint (one file at a time, no padding).
-    ``lm``: text to train the fused n-gram on (:func:`load_lm`), None for no fusion."""
+def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, beam: int = 1,
+                    decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT, lm: NgramLM | None = None,
+                    lm_weight: float = LM_WEIGHT) -> str:
+    """Transcript of one audio file (any soundfile format, channels averaged, resampled to 16 kHz)
+    on the model's device. ``lm``: a fused n-gram (:func:`load_lm`), None for no fusion.
+    Raises ``ValueError`` for a file without samples."""
     from echo.audio import compute_features, load_audio
 
-    model, tokenizer = load_model(checkpoint, device)
-    ngram = load_lm(lm, tokenizer)
-    texts = []
-    for path in paths:
-        mel, f0 = compute_features(load_audio(path))
-        ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
-                           f0[None].to(device), beam=beam, decoder=decoder, ctc_weight=ctc_weight,
-                           lm=ngram, lm_weight=lm_weight if ngram is not None else 0.0)[0]
-        texts.append(tokenizer.decode(ids))
-    return texts
+    wave = load_audio(path)
+    if wave.numel() == 0:
+        raise ValueError(f"{path} has no audio samples")
+    mel, f0 = compute_features(wave)
+    device = next(model.parameters()).device
+    ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
+                       f0[None].to(device), beam=beam, decoder=decoder, ctc_weight=ctc_weight,
+                       lm=lm, lm_weight=lm_weight if lm is not None else 0.0)[0]
+    return tokenizer.decode(ids)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m echo transcribe --checkpoint CKPT FILE.wav ...``"""
+    """``python -m echo transcribe --checkpoint CKPT FILE.wav ...``: one line ``FILE<TAB>text`` per
+    file, printed as soon as it is decoded; a file that cannot be read is reported on stderr, the
+    others are still transcribed, and the exit status is then 1."""
+    import soundfile as sf
+
     p = argparse.ArgumentParser(prog="python -m echo transcribe", description="Transcribe audio files.")
-    p.add_argument("--checkpoint", required=True)
-    add_decoder_arguments(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("files", nargs="+")
+    add_decoding_arguments(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ...: anything soundfile reads)")
     args = p.parse_args(argv)
-    for path, text in zip(args.files, transcribe_files(args.checkpoint, args.files, beam=args.beam,
-                                                       device=args.device, decoder=args.decoder,
-                                                       ctc_weight=args.ctc_weight, lm=args.lm,
-                                                       lm_weight=args.lm_weight)):
-        print(f"{path}\t{text}")
-    sys.stdout.flush()
-    return 0
+    check_decoding_arguments(p, args)
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        p.error(f"no such audio file: {', '.join(missing)}")
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    lm = load_lm(args.lm, tokenizer)
+    status = 0
+    for path in args.files:
+        try:
+            text = transcribe_file(model, tokenizer, path, beam=args.beam, decoder=args.decoder,
+                                   ctc_weight=args.ctc_weight, lm=lm, lm_weight=args.lm_weight)
+        except (ValueError, sf.LibsndfileError) as e:
+            print(f"{path}: cannot transcribe: {e}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{path}\t{text}", flush=True)
+    return status

@@ -14,7 +14,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from echo.data.dataset import Collator
-from echo.decode import JOINT_CTC_WEIGHT, LM_WEIGHT, add_decoder_arguments, decode_batch, load_lm
+from echo.decode import (
+    JOINT_CTC_WEIGHT,
+    LM_WEIGHT,
+    add_decoding_arguments,
+    check_decoding_arguments,
+    decode_batch,
+    load_lm,
+)
 from echo.model import Echo, load_model
 from echo.ngram import NgramLM
 from echo.text import CharTokenizer, normalize_text
@@ -101,6 +108,8 @@ def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int
     model, tokenizer = load_model(checkpoint, device)
     ngram = load_lm(lm, tokenizer)
     dataset = SpeechDataset(manifest, tokenizer, cache_dir=cache_dir)
+    if len(dataset) == 0:
+        raise ValueError(f"manifest {manifest} has no utterances")
     result = evaluate_dataset(model, tokenizer, dataset, batch_size=batch_size, beam=beam, device=device,
                               progress=progress, decoder=decoder, ctc_weight=ctc_weight, lm=ngram,
                               lm_weight=lm_weight if ngram is not None else 0.0)
@@ -122,14 +131,20 @@ def evaluate_manifest(checkpoint: str | Path, manifest: str | Path, *, beam: int
 def main(argv: list[str] | None = None) -> int:
     """``python -m echo evaluate --checkpoint CKPT --manifest test.jsonl [--errors FILE] [--beam N]``"""
     p = argparse.ArgumentParser(prog="python -m echo evaluate", description="WER/CER of a checkpoint on a manifest.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--manifest", required=True)
-    add_decoder_arguments(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_decoding_arguments(p)
+    p.add_argument("--manifest", required=True, metavar="JSONL",
+                   help="utterances to score: one JSON record per line with audio (relative to the manifest's "
+                        "folder), text, duration, speaker and engine, as echo.data.synth writes them")
+    p.add_argument("--batch-size", type=int, default=32, help="utterances decoded together (default 32)")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")
-    p.add_argument("--errors", default=None, help="per-utterance TSV (default: next to the checkpoint)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--errors", default=None, help="per-utterance TSV (default: next to the checkpoint, "
+                                                  "named after the manifest and the search)")
     args = p.parse_args(argv)
+    check_decoding_arguments(p, args)
+    if not Path(args.manifest).is_file():
+        p.error(f"--manifest {args.manifest}: no such file")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     # Each search gets its own default file, so scoring a checkpoint two ways keeps both tables.
     suffix = "" if args.decoder == "attention" else f".{args.decoder}"
     suffix += f".beam{args.beam}" if args.beam > 1 else ""

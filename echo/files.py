@@ -1,5 +1,5 @@
-"""Atomic file writes: readers, other processes and crashes only ever see the old file or the
-complete new one, never a half-written one."""
+"""Checkpoint files: atomic writes (readers, other processes and crashes only ever see the old
+file or the complete new one, never a half-written one) and safe reads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # The process's umask, read once at import (os.umask can only be read by setting it).
@@ -36,3 +37,26 @@ def atomic_save(obj: Any, path: str | Path, *, durable: bool = True) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# What a training checkpoint holds besides tensors and plain containers: the numpy RNG state
+# (an ndarray of uint32). Allowed by name, so that loading never runs code from the file.
+_CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint written by ``echo.train`` (a dict with ``model`` and ``config``), its
+    tensors on ``device``. Loaded with ``weights_only=True``: a shared file cannot run code.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that is not a
+    checkpoint (another format, a truncated file, a pickle of other objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        with torch.serialization.safe_globals(_CHECKPOINT_GLOBALS):
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # arbitrary bytes fail in many ways: truncated zip, bad opcodes, refused globals
+        raise ValueError(f"{path} is not an Echo training checkpoint (torch.load: {type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not an Echo training checkpoint")
+    return ckpt

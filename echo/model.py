@@ -775,11 +775,10 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") 
     holds one (``last.pt`` of a run with ``train.ema_decay`` > 0; ``best.pt`` stores it as its
     model), else the trained weights.
     """
+    from echo.files import read_checkpoint
     from echo.text import tokenizer_from_state
 
-    ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{checkpoint_path} is not an Echo training checkpoint")
+    ckpt = read_checkpoint(checkpoint_path, device)
     cfg = EchoConfig.from_dict(ckpt["config"]["model"])
     model = Echo(cfg).to(device)
     model.load_state_dict(ckpt["ema"]["model"] if "ema" in ckpt else ckpt["model"])

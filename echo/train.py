@@ -36,7 +36,7 @@ from echo.augment import AugmentConfig, augment_batch, step_generator
 from echo.config import section_from_dict
 from echo.data.dataset import Batch, Collator, Example, SpeechDataset
 from echo.decode import DECODERS
-from echo.files import atomic_save
+from echo.files import atomic_save, read_checkpoint
 from echo.model import Echo, EchoConfig
 from echo.text import TOKENIZER_KINDS, BpeTokenizer, CharTokenizer, tokenizer_from_state
 
@@ -517,7 +517,7 @@ def train(cfg: RunConfig, *, resume: bool | str = False, step_callback: Callable
     ckpt_path = out_dir / "last.pt"
     resume_from = Path(resume) if isinstance(resume, (str, Path)) else (ckpt_path if resume else None)
     if resume_from is not None and resume_from.exists():
-        ckpt = torch.load(resume_from, map_location=device, weights_only=False)
+        ckpt = read_checkpoint(resume_from, device)
         if tokenizer_from_state(ckpt["tokenizer"]).state() != tokenizer.state():
             raise ValueError(f"{resume_from} was trained with another tokenizer than this config builds")
         model.load_state_dict(ckpt["model"])

@@ -46,6 +46,15 @@ def write_manifest(path: str | Path, records: Sequence[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _json_object(line: str) -> dict | None:
+    """The JSON object on one manifest line, None when the line is not one."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_manifest(path: str | Path, *, resolve: bool = True) -> list[dict]:
     """Read a JSONL manifest. With ``resolve``, ``audio`` becomes an absolute path
     (relative paths are taken relative to the manifest's folder)."""
@@ -55,7 +64,9 @@ def read_manifest(path: str | Path, *, resolve: bool = True) -> list[dict]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            r = _json_object(line)
+            if r is None:
+                raise ValueError(f"{path}:{n}: not a JSON object: {line.strip()[:80]!r}")
             missing = [k for k in REQUIRED_FIELDS if k not in r]
             if missing:
                 raise ValueError(f"{path}:{n}: missing fields {missing}")

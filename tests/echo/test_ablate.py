@@ -69,3 +69,9 @@ def test_ablation_trains_scores_and_writes_table_json_and_plot(tmp_path):
     assert json.loads(results.with_suffix(".json").read_text()) == raw
     assert results.with_suffix(".png").stat().st_size > 5_000
     assert sum(line.startswith("| (") for line in results.read_text().splitlines()) == 2
+
+
+def test_no_variant_is_refused_before_any_file_is_written(tmp_path):
+    with pytest.raises(ValueError, match="variants must name at least one of"):
+        run_ablation(TINY, variants="", out_dir=tmp_path, results_path=tmp_path / "table.md")
+    assert not (tmp_path / "table.md").exists()

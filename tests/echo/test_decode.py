@@ -1,5 +1,8 @@
 """Decoding: the key/value cache is exact, beam 1 is greedy, transcripts come out as text."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -176,7 +179,6 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_
     import json
     import math
 
-    import numpy as np
     import soundfile as sf
 
     from echo.__main__ import main as cli
@@ -220,6 +222,53 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_
     assert "u0.wav\t" in capsys.readouterr().out
     maps = attention_maps(ckpt, tmp_path / "u1.wav")
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
+    if tokenizer == "char":
+        _check_cli_refuses_bad_input(cli, capsys, tmp_path, ckpt)
+
+
+def _check_cli_refuses_bad_input(cli, capsys, tmp_path, ckpt):
+    """Bad options stop before the model loads, naming the option (argparse's status 2); files that
+    turn out bad are one line on stderr each (status 1), and the good files are still transcribed."""
+    import soundfile as sf
+
+    u0, u1 = str(tmp_path / "u0.wav"), str(tmp_path / "u1.wav")
+    refused = [(["--beam", "0"], "--beam must be >= 1, got 0"),
+               (["--decoder", "ctc", "--beam", "2"], "--decoder ctc is greedy"),
+               (["--ctc-weight", "0.3"], "--ctc-weight needs --decoder joint"),
+               (["--decoder", "joint", "--ctc-weight", "2"], r"--ctc-weight must be in \[0, 1\], got 2.0"),
+               (["--lm-weight", "0.3"], "--lm-weight needs --lm"),
+               (["--lm", str(tmp_path / "none.txt")], "--lm .*none.txt: no such file"),
+               (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+               ([str(tmp_path / "missing.wav")], "no such audio file: .*missing.wav")]
+    for extra, message in refused:
+        with pytest.raises(SystemExit) as stop:
+            cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", *extra, u0])
+        assert stop.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
+    with pytest.raises(SystemExit):
+        cli(["transcribe", "--checkpoint", str(tmp_path / "none.pt"), u0])
+    assert "--checkpoint " in capsys.readouterr().err
+    assert cli(["transcribe", "--checkpoint", u0, u1]) == 1
+    assert "u0.wav is not an Echo training checkpoint" in capsys.readouterr().err
+
+    sf.write(tmp_path / "empty.wav", np.zeros(0), 16000)
+    (tmp_path / "text.wav").write_text("not audio")
+    files = [u0, str(tmp_path / "empty.wav"), str(tmp_path / "text.wav"), u1]
+    assert cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", *files]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [u0, u1]
+    assert "empty.wav has no audio samples" in err and "text.wav: cannot transcribe" in err
+
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("")
+    assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--device", "cpu"]) == 1
+    assert "has no utterances" in capsys.readouterr().err
+    manifest.write_text((tmp_path / "m.jsonl").read_text().splitlines()[0] + "\n{broken\n")
+    assert cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--device", "cpu"]) == 1
+    assert "bad.jsonl:2: not a JSON object: '{broken'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--batch-size", "0"])
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 def _force_ctc_path(m, strength):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import echo.train as tr
-from echo.files import atomic_save
+from echo.files import atomic_save, read_checkpoint
 from echo.train import DistributedBucketSampler, config_from_dict, load_config, train
 
 AUGMENT = {"freq_masks": 2, "freq_width": 8, "time_masks": 2, "time_width": 0.1, "mel_warp": 0.1, "f0_scale": 0.1}
@@ -46,9 +46,35 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_save({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)  # not a training checkpoint: any saved object
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+class _Payload:
+    """Unpickling this calls os.mkdir: what a hostile checkpoint could do."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_read_checkpoint_never_runs_code_from_the_file(tmp_path):
+    target = tmp_path / "created_by_unpickling"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": {}, "config": _Payload(str(target))}, hostile)  # torch.load(weights_only=False) would mkdir
+    with pytest.raises(ValueError, match="hostile.pt is not an Echo training checkpoint"):
+        read_checkpoint(hostile)
+    assert not target.exists()
+    atomic_save({"model": {}, "config": {}}, tmp_path / "ok.pt")
+    assert read_checkpoint(tmp_path / "ok.pt") == {"model": {}, "config": {}}
+    with pytest.raises(ValueError, match="not an Echo training checkpoint"):
+        atomic_save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+        read_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt not found"):
+        read_checkpoint(tmp_path / "missing.pt")
 
 
 def test_atomic_save_gives_an_ordinary_file_mode(tmp_path):
@@ -69,7 +95,7 @@ def test_last_checkpoint_is_scored_with_the_weight_average(tmp_path):
 
     train(_cfg(tmp_path, ema_decay=0.9), quiet=True)
     path = tmp_path / "run" / "last.pt"
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = read_checkpoint(path)
     model, _ = load_model(path)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["ema"]["model"].items())
@@ -91,11 +117,11 @@ def test_resume_is_exact(tmp_path, augment, extra):
     cfg_b = _cfg(tmp_path / "b", augment, ckpt_every=2, **extra)
     with pytest.raises(Crash):
         train(cfg_b, step_callback=crash_at_5, quiet=True)
-    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["step"] == 4
+    assert read_checkpoint(tmp_path / "b" / "run" / "last.pt")["step"] == 4
     resumed = train(cfg_b, resume=True, quiet=True)
     assert resumed["loss_history"] == straight["loss_history"][4:]
-    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)
+    a = read_checkpoint(tmp_path / "a" / "run" / "last.pt")
+    b = read_checkpoint(tmp_path / "b" / "run" / "last.pt")
     assert a["step"] == b["step"] == 8
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -120,8 +146,8 @@ def test_weight_average_follows_the_ramped_decay_and_is_what_best_pt_holds(tmp_p
     cfg = _cfg(tmp_path, ema_decay=0.9, eval_every=8, eval_max_utts=4, eval_decoder="joint")
     cfg.model.ctc_weight = 0.3
     train(cfg, quiet=True)
-    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    best = read_checkpoint(tmp_path / "run" / "best.pt")
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
     assert "ema" not in best and best["step"] == last["step"] == 8
     assert all(torch.equal(best["model"][k], last["ema"]["model"][k]) for k in best["model"])
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
@@ -164,7 +190,7 @@ def test_fit_schedule_ends_the_cosine_inside_the_time_budget(tmp_path, monkeypat
     result = train(cfg, step_callback=clock.tick, quiet=True)
     # At step 51, 51 s gone: 99% of 60 s leaves 8.4 s, so 8 more steps, and the cosine ends annealed there.
     assert result["step"] == result["schedule_steps"] == 59
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
     assert last["scheduler"]["_last_lr"][0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
     assert last["elapsed_s"] == pytest.approx(59.0)
 
@@ -210,7 +236,7 @@ def test_fit_schedule_survives_a_resume(tmp_path, monkeypatch):
     clock.t += 3600.0  # the restart is not charged to the budget: only checkpointed training time counts
     resumed = train(cfg, resume=True, step_callback=clock.tick, quiet=True)
     assert resumed["step"] == resumed["schedule_steps"] == 59  # the length fitted before the crash
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
     assert last["scheduler"]["_last_lr"][0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
     assert last["elapsed_s"] == pytest.approx(59.0)
     # A run whose budget is spent (59 s of 54) takes no further step, whatever its schedule.
@@ -318,7 +344,7 @@ def test_ddp_two_processes_gloo_keep_identical_weights(tmp_path):
         checks = torch.load(tmp_path / f"rank{rank}.pt")["checks"]
         assert checks == [True] * 60
     # Only rank 0 writes: one run folder with one checkpoint.
-    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ck = read_checkpoint(tmp_path / "run" / "last.pt")
     assert ck["step"] == 60 and len(ck["rng"]) == 2
 
 
@@ -332,7 +358,7 @@ def test_word_piece_runs_resume_only_with_the_same_tokenizer(tmp_path):
     tokenizer = tr.make_tokenizer(cfg)
     assert tokenizer.vocab_size == 50 and tokenizer.merges
     train(cfg, quiet=True)
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["tokenizer"] == tokenizer.state()
     cfg.data.tokenizer, cfg.model.vocab_size = "char", 42
     cfg.train.max_steps = 4
