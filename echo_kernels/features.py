@@ -15,6 +15,7 @@ when the attention runs in float64):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -80,14 +81,27 @@ def check_f0(f0: Tensor, name: str = "f0") -> None:
         raise ValueError(f"{name} must be >= 0 Hz (0 marks an unvoiced frame); found a negative value")
 
 
+def is_real_number(value: object) -> bool:
+    """True for a Python or NumPy real scalar that is not a bool: what a float option accepts."""
+    if isinstance(value, (int, float)):  # first: under torch.compile a float may be symbolic
+        return not isinstance(value, bool)
+    return isinstance(value, numbers.Real)
+
+
+def type_name(value: object) -> str:
+    """``float``, ``numpy.bool``: a value's type as an error message should name it."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_feature_options(theta: float, theta_mode: str, radius_mode: str) -> None:
     """Raise unless ``theta`` is a finite float > 0 and both modes are known ones."""
     if theta_mode not in THETA_MODES:
         raise ValueError(f"theta_mode must be one of {THETA_MODES}, got {theta_mode!r}")
     if radius_mode not in RADIUS_MODES:
         raise ValueError(f"radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise TypeError(f"theta must be a float > 0 (the rotary base), got {type(theta).__name__}")
+    if not is_real_number(theta):
+        raise TypeError(f"theta must be a float > 0 (the rotary base), got {type_name(theta)}")
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be symbolic.
     if not 0 < theta < math.inf:
         raise ValueError(f"theta must be a finite float > 0 (the rotary base), got {theta}")
@@ -131,6 +145,10 @@ def pitch_features(
             raise ValueError(
                 f"positions must have the shape of f0 {tuple(f0.shape)}, got {tuple(positions.shape)}"
             )
+        if positions.device != f0.device:
+            raise ValueError(f"positions must be on f0's device {f0.device}, got {positions.device}")
+        if not torch.compiler.is_compiling() and positions.numel() and not bool(torch.isfinite(positions).all()):
+            raise ValueError("positions must be finite; found NaN or inf")
     return _features_from_f0(f0, lengths, theta, theta_mode, radius_mode, positions, dtype)
 
 
@@ -151,11 +169,12 @@ def side_features(
     or the defaults when there is no f0. ``lengths`` and the options are already checked."""
     if f0 is None:
         return default_features(batch, length, theta=theta, device=device, dtype=dtype)
+    if isinstance(f0, Tensor):  # shape and device first: value checks would run on the wrong device
+        if f0.shape != (batch, length):
+            raise ValueError(f"{name} must have shape [{batch}, {length}], got {tuple(f0.shape)}")
+        if f0.device != device:
+            raise ValueError(f"{name} must be on {device} like the attention inputs, got {f0.device}")
     check_f0(f0, name)
-    if f0.shape != (batch, length):
-        raise ValueError(f"{name} must have shape [{batch}, {length}], got {tuple(f0.shape)}")
-    if f0.device != device:
-        raise ValueError(f"{name} must be on {device} like the attention inputs, got {f0.device}")
     return _features_from_f0(f0, lengths, theta, theta_mode, radius_mode, None, dtype)
 
 
@@ -218,7 +237,7 @@ def check_lengths(lengths: Tensor, batch: int, length: int, name: str) -> None:
     if not isinstance(lengths, Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape [{batch}], got {type(lengths).__name__}")
     if lengths.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {lengths.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape [{batch}] (one length per batch entry), got {tuple(lengths.shape)}")
     if torch.compiler.is_compiling() or not lengths.numel():

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import BACKENDS, choose_backend
-from .features import PitchFeatures, check_feature_options, check_lengths, side_features
-from .reference import BIAS_KINDS, reference_attention
+from .features import PitchFeatures, check_feature_options, check_lengths, is_real_number, side_features, type_name
+from .reference import BIAS_KINDS, check_bias_kind, reference_attention
 
 QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -97,8 +97,8 @@ def _resolve_beta(beta, dtype, device) -> Tensor:
         if beta.device != device and beta.device.type != "cpu":
             raise ValueError(f"beta must be on {device} like q, got {beta.device}")
         return beta.to(device=device, dtype=dtype)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a positive float or a 0-d tensor, got {type(beta).__name__}")
+    if not is_real_number(beta):
+        raise TypeError(f"beta must be a positive float or a 0-d tensor, got {type_name(beta)}")
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be symbolic
     # (as is the scale check in rope_attention).
     if not 0 < beta < math.inf:
@@ -149,10 +149,9 @@ def rope_attention(
     _check_qkv(q, k, v)
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    if bias not in BIAS_KINDS:
-        raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
+    check_bias_kind(bias)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a Python bool, got {type_name(causal)}")
     check_feature_options(theta, theta_mode, radius_mode)
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
@@ -160,10 +159,12 @@ def rope_attention(
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not is_real_number(scale):
+        raise TypeError(f"scale must be a float or None, got {type_name(scale)}")
     elif not -math.inf < scale < math.inf:
         raise ValueError(f"scale must be finite, got {scale}")
+    elif not isinstance(scale, (int, float)):
+        scale = float(scale)  # a NumPy scalar: the kernels take a Python float
 
     ql = _resolve_lengths(q_lengths, batch, tq, "q_lengths", device)
     kl = _resolve_lengths(k_lengths, batch, tk, "k_lengths", device)

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .dispatch import BACKENDS
-from .features import PitchFeatures, check_feature_options, check_lengths, side_features
+from .features import PitchFeatures, check_feature_options, check_lengths, side_features, type_name
 from .interface import rope_attention
-from .reference import BIAS_KINDS
+from .reference import check_bias_kind
 
 
 class RopeAttention(nn.Module):
@@ -48,6 +48,11 @@ class RopeAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type_name(value)}")
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
         if num_heads <= 0 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         head_dim = dim // num_heads
@@ -55,8 +60,7 @@ class RopeAttention(nn.Module):
             raise ValueError(f"head dim dim // num_heads must be even for rotary pairs, got {head_dim}")
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if bias not in BIAS_KINDS:
-            raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
+        check_bias_kind(bias)
         check_feature_options(theta, theta_mode, radius_mode)
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")

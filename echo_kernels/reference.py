@@ -17,6 +17,12 @@ from .features import PitchFeatures
 BIAS_KINDS = {None: 0, "exp": 1, "l1": 2}
 
 
+def check_bias_kind(bias: object) -> None:
+    """Raise unless ``bias`` is ``"exp"``, ``"l1"`` or None."""
+    if not (bias is None or isinstance(bias, str)) or bias not in BIAS_KINDS:
+        raise ValueError(f"bias must be 'exp', 'l1' or None, got {bias!r}")
+
+
 def rotation_angles(pos: Tensor, log_theta: Tensor, head_dim: int) -> Tensor:
     """phi[b, t, m] = pos * exp(-(2m / D) * log_theta), ``[B, T, D/2]`` in the features' dtype."""
     m = torch.arange(head_dim // 2, device=pos.device, dtype=pos.dtype)

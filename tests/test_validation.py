@@ -1,5 +1,6 @@
 """Every bad input raises an error that names the argument and what is allowed."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,9 @@ BAD = {
     "k_lengths negative": ({"k_lengths": torch.tensor([-1, 2])}, ValueError, "k_lengths must lie in"),
     "k_lengths float": ({"k_lengths": torch.tensor([1.0, 2.0])}, TypeError, "k_lengths must be an integer"),
     "unknown bias": ({"bias": "gauss"}, ValueError, "bias must be"),
+    "bias in a list": ({"bias": ["exp"]}, ValueError, r"bias must be 'exp', 'l1' or None, got \['exp'\]"),
+    "numpy bool causal": ({"causal": np.bool_(True)}, TypeError, "causal must be a Python bool, got numpy.bool"),
+    "f0 on another device": ({"f0": torch.ones(2, 5, device="meta")}, ValueError, "f0 must be on cpu"),
     "unknown backend": ({"backend": "fast"}, ValueError, "backend must be one of"),
     "unknown theta_mode": ({"f0": torch.ones(2, 5) * 100, "theta_mode": "log"}, ValueError, "theta_mode"),
     "unknown radius_mode": ({"f0": torch.ones(2, 5) * 100, "radius_mode": "x"}, ValueError, "radius_mode"),
@@ -58,7 +62,7 @@ BAD = {
     "beta negative": ({"beta": -1.0}, ValueError, "beta must be a positive"),
     "beta shape": ({"beta": torch.ones(2)}, ValueError, "beta must be a float or a 0-d"),
     "beta type": ({"beta": "1"}, TypeError, "beta must be"),
-    "causal type": ({"causal": 1}, TypeError, "causal must be a bool"),
+    "causal type": ({"causal": 1}, TypeError, "causal must be a Python bool, got int"),
     "scale type": ({"scale": "0.1"}, TypeError, "scale must be"),
     "scale inf": ({"scale": float("inf")}, ValueError, "scale must be finite"),
     "zero head dim": ({"q": torch.randn(2, 4, 5, 0), "k": torch.randn(2, 2, 6, 0), "v": torch.randn(2, 2, 6, 0)},
@@ -96,11 +100,38 @@ def test_float64_features_with_float32_q_rejected_but_float64_works():
         ({"dim": 16, "num_heads": 4, "radius_mode": "x"}, "radius_mode must be one of"),
         ({"dim": 16, "num_heads": 4, "theta": -1.0}, "theta must be a finite float > 0"),
         ({"dim": 16, "num_heads": 4, "backend": "fast"}, "backend must be one of"),
+        ({"dim": 0, "num_heads": 2}, "dim must be positive, got 0"),
+        ({"dim": 16, "num_heads": 4, "bias": ["exp"]}, "bias must be"),
     ],
 )
 def test_module_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ek.RopeAttention(**kwargs)
+
+
+def test_module_sizes_must_be_ints():
+    with pytest.raises(TypeError, match="num_heads must be an int, got float"):
+        ek.RopeAttention(16, 2.0)
+    with pytest.raises(TypeError, match="dim must be an int, got bool"):
+        ek.RopeAttention(True, 1)
+
+
+def test_numpy_scalars_are_accepted_as_floats():
+    """np.float32 options (a config read through NumPy) work as the same Python floats do."""
+    q, k, v = qkv()
+    f0 = torch.rand(2, 5) * 200
+    expected = ek.rope_attention(q, k, v, f0, f0_k=torch.zeros(2, 6), scale=0.25, beta=0.5, theta=1e4, backend="chunked")
+    got = ek.rope_attention(q, k, v, f0, f0_k=torch.zeros(2, 6), scale=np.float32(0.25), beta=np.float32(0.5),
+                            theta=np.float32(1e4), backend="chunked")
+    assert torch.equal(got, expected)
+
+
+def test_pitch_features_checks_positions():
+    f0 = torch.full((1, 4), 120.0)
+    with pytest.raises(ValueError, match="positions must be finite"):
+        ek.pitch_features(f0, positions=torch.tensor([[0.0, 1.0, float("nan"), 3.0]]))
+    with pytest.raises(ValueError, match="positions must be on f0's device"):
+        ek.pitch_features(f0, positions=torch.zeros(1, 4, device="meta"))
 
 
 def test_module_rejects_bad_calls():
