@@ -187,6 +187,62 @@ def frame_energy_db(wave: torch.Tensor, config: FeatureConfig = DEFAULT_CONFIG) 
     return 20.0 * torch.log10(rms.clamp(min=1e-8))
 
 
+# A pause: at least PAUSE_SECONDS of frames QUIET_DB or more under the recording's loudest frame
+# (longer than a stop closure, shorter than the gap between two sentences).
+PAUSE_SECONDS = 0.25
+QUIET_DB = 35.0
+
+
+def split_at_pauses(wave: torch.Tensor, max_seconds: float, config: FeatureConfig = DEFAULT_CONFIG
+                    ) -> list[torch.Tensor]:
+    """A long recording ``[N]`` as utterance-sized pieces of speech, in order.
+
+    A wave of at most ``max_seconds`` is returned whole. A longer one is cut in the middle of
+    every pause (see ``PAUSE_SECONDS``, ``QUIET_DB``), the pauses' quiet frames are left out,
+    and a piece still longer than ``max_seconds`` is cut again at the quietest frame of the
+    second half of each window (so no sliver is cut off).
+    """
+    limit = int(max_seconds * config.sample_rate)
+    hop = config.hop_length
+    if limit < 2 * hop:
+        raise ValueError(f"max_seconds must allow two frames ({2 * hop / config.sample_rate} s), got {max_seconds}")
+    if wave.numel() <= limit:
+        return [wave]
+    energy = frame_energy_db(wave, config)  # frame f is centred on sample f * hop
+    loud = (energy > energy.max() - QUIET_DB).tolist()
+    min_pause = max(1, round(PAUSE_SECONDS * config.sample_rate / hop))
+    spans, start, quiet_run = [], None, 0
+    for f, is_loud in enumerate(loud + [False] * min_pause):  # the padding closes the last span
+        if is_loud:
+            start, quiet_run = (f if start is None else start), 0
+        elif start is not None:
+            quiet_run += 1
+            if quiet_run == min_pause:
+                end = f - min_pause + 1  # first quiet frame
+                spans.append((start, end))
+                start = None
+    pieces = []
+    for first, end in spans:
+        # Speech frames [first, end) plus half a pause on each side, within the wave.
+        lo = max(0, (first - min_pause // 2) * hop)
+        hi = min(wave.numel(), (end + min_pause // 2) * hop)
+        pieces.extend(_split_long(wave[lo:hi], energy[lo // hop:], limit, hop))
+    return pieces or [wave]
+
+
+def _split_long(wave: torch.Tensor, energy: torch.Tensor, limit: int, hop: int) -> list[torch.Tensor]:
+    """``wave`` in pieces of at most ``limit`` samples, each cut at the quietest frame (``energy``,
+    frame 0 at the wave's start) of the second half of its window."""
+    pieces, start = [], 0
+    while wave.numel() - start > limit:
+        first, last = (start + limit // 2) // hop + 1, (start + limit) // hop
+        cut = (first + int(energy[first:last + 1].argmin())) * hop
+        pieces.append(wave[start:cut])
+        start = cut
+    pieces.append(wave[start:])
+    return pieces
+
+
 def f0_torchaudio(wave: torch.Tensor, config: FeatureConfig = DEFAULT_CONFIG,
                   smooth_frames: int = 5) -> torch.Tensor:
     """f0 per frame with ``torchaudio.functional.detect_pitch_frequency`` -> ``[T]`` float32.

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from echo.ctc_prefix import CTCPrefixScorer
-from echo.model import Echo, EchoConfig, EncoderOutput, load_model
+from echo.files import read_checkpoint
+from echo.model import Echo, EchoConfig, EncoderOutput, model_from_checkpoint
 from echo.ngram import NgramLM
 from echo.text import CharTokenizer
 
@@ -349,23 +350,32 @@ def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> NgramLM | None
     return None if path is None else NgramLM.from_file(path, tokenizer)
 
 
-def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, beam: int = 1,
-                    decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT, lm: NgramLM | None = None,
-                    lm_weight: float = LM_WEIGHT) -> str:
+def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, max_seconds: float | None = None,
+                    beam: int = 1, decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT,
+                    lm: NgramLM | None = None, lm_weight: float = LM_WEIGHT) -> str:
     """Transcript of one audio file (any soundfile format, channels averaged, resampled to 16 kHz)
     on the model's device. ``lm``: a fused n-gram (:func:`load_lm`), None for no fusion.
-    Raises ``ValueError`` for a file without samples."""
-    from echo.audio import compute_features, load_audio
+
+    A recording longer than ``max_seconds`` (give the longest clip the model was trained on) is
+    cut at its pauses into utterance-sized pieces of speech (:func:`echo.audio.split_at_pauses`),
+    decoded as one batch, and their texts joined: a model trained on single utterances makes
+    words of long silences and loses its place in long recordings. Raises ``ValueError`` for a
+    file without samples.
+    """
+    from echo.audio import compute_features, load_audio, split_at_pauses
 
     wave = load_audio(path)
     if wave.numel() == 0:
         raise ValueError(f"{path} has no audio samples")
-    mel, f0 = compute_features(wave)
+    pieces = split_at_pauses(wave, max_seconds) if max_seconds else [wave]
+    features = [compute_features(p) for p in pieces]
     device = next(model.parameters()).device
-    ids = decode_batch(model, mel[None].to(device), torch.tensor([mel.shape[0]], device=device),
-                       f0[None].to(device), beam=beam, decoder=decoder, ctc_weight=ctc_weight,
-                       lm=lm, lm_weight=lm_weight if lm is not None else 0.0)[0]
-    return tokenizer.decode(ids)
+    mel = torch.nn.utils.rnn.pad_sequence([m for m, _ in features], batch_first=True).to(device)
+    f0 = torch.nn.utils.rnn.pad_sequence([f for _, f in features], batch_first=True).to(device)
+    lengths = torch.tensor([m.shape[0] for m, _ in features], device=device)
+    ids = decode_batch(model, mel, lengths, f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight,
+                       lm=lm, lm_weight=lm_weight if lm is not None else 0.0)
+    return " ".join(text for text in (tokenizer.decode(i) for i in ids) if text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,19 +386,27 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m echo transcribe", description="Transcribe audio files.")
     add_decoding_arguments(p)
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="cut longer recordings at pauses into pieces of at most this many seconds (default: "
+                        "the longest training clip, the checkpoint's data.max_duration; 0 = never cut)")
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ...: anything soundfile reads)")
     args = p.parse_args(argv)
     check_decoding_arguments(p, args)
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         p.error(f"no such audio file: {', '.join(missing)}")
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    if args.max_seconds is not None and args.max_seconds < 0:
+        p.error(f"--max-seconds must be >= 0 (0 = never cut), got {args.max_seconds}")
+    ckpt = read_checkpoint(args.checkpoint, args.device)
+    model, tokenizer = model_from_checkpoint(ckpt, args.device)
+    max_seconds = ckpt["config"]["data"].get("max_duration") if args.max_seconds is None else args.max_seconds
     lm = load_lm(args.lm, tokenizer)
     status = 0
     for path in args.files:
         try:
-            text = transcribe_file(model, tokenizer, path, beam=args.beam, decoder=args.decoder,
-                                   ctc_weight=args.ctc_weight, lm=lm, lm_weight=args.lm_weight)
+            text = transcribe_file(model, tokenizer, path, max_seconds=max_seconds, beam=args.beam,
+                                   decoder=args.decoder, ctc_weight=args.ctc_weight, lm=lm,
+                                   lm_weight=args.lm_weight)
         except (ValueError, sf.LibsndfileError) as e:
             print(f"{path}: cannot transcribe: {e}", file=sys.stderr)
             status = 1

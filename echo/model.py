@@ -769,22 +769,27 @@ class Echo(nn.Module):
 
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[Echo, Any]:
-    """Model (eval mode) and tokenizer from a training checkpoint written by ``echo.train``.
+    """Model (eval mode) and tokenizer from a training checkpoint written by ``echo.train``
+    (:func:`model_from_checkpoint` of the file)."""
+    from echo.files import read_checkpoint
+
+    return model_from_checkpoint(read_checkpoint(checkpoint_path, device), device)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> tuple[Echo, Any]:
+    """Model (eval mode) and tokenizer from a read checkpoint (:func:`echo.files.read_checkpoint`).
 
     The weights are the ones dev evaluation scores: the weight average when the checkpoint
     holds one (``last.pt`` of a run with ``train.ema_decay`` > 0; ``best.pt`` stores it as its
     model), else the trained weights.
     """
-    from echo.files import read_checkpoint
     from echo.text import tokenizer_from_state
 
-    ckpt = read_checkpoint(checkpoint_path, device)
     cfg = EchoConfig.from_dict(ckpt["config"]["model"])
     model = Echo(cfg).to(device)
     model.load_state_dict(ckpt["ema"]["model"] if "ema" in ckpt else ckpt["model"])
     model.eval()
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    return model, tokenizer
+    return model, tokenizer_from_state(ckpt["tokenizer"])
 
 
 def attention_maps(checkpoint_path: str | Path, wav_path: str | Path) -> list[np.ndarray]:

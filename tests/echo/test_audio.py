@@ -17,6 +17,7 @@ from echo.audio import (
     load_audio,
     log_mel,
     num_frames,
+    split_at_pauses,
 )
 
 SR = 16000
@@ -102,3 +103,38 @@ def test_espeak_pitch_settings_order_f0(tmp_path) -> None:
         medians.append(float(f0[f0 > 0].median()))
     assert medians[0] < medians[1] < medians[2], medians
     assert medians[2] > 1.3 * medians[0]  # the -p range spans a wide pitch interval
+
+
+def _tone(seconds: float, hz: float = 180.0) -> torch.Tensor:
+    t = torch.arange(int(seconds * SR)) / SR
+    return 0.3 * torch.sin(2 * math.pi * hz * t)
+
+
+def test_split_at_pauses_cuts_a_long_recording_into_its_utterances():
+    bursts = [_tone(1.0 + 0.3 * i, 150.0 + 20 * i) for i in range(5)]
+    gap = 0.001 * torch.randn(int(0.5 * SR), generator=torch.Generator().manual_seed(0))  # -50 dB noise
+    wave = torch.cat([gap] + [torch.cat([b, gap]) for b in bursts])
+    pieces = split_at_pauses(wave, 6.0)
+    assert len(pieces) == len(bursts)
+    for piece, burst in zip(pieces, bursts, strict=True):
+        # The burst and an eighth of a second of its pauses on each side (half of PAUSE_SECONDS).
+        assert 0 <= piece.numel() - burst.numel() <= 0.3 * SR
+        assert piece.abs().max() > 0.29
+    short = wave[: 6 * SR]
+    assert split_at_pauses(short, 6.0) == [short]  # a wave that fits stays whole
+
+
+def test_split_at_pauses_cuts_speech_without_pauses_at_its_quietest_frames():
+    """14 s without a pause, a dip in level every 2.5 s: pieces of at most 6 s cut in the dips,
+    covering the wave exactly."""
+    wave = _tone(14.0)
+    for dip in (2.5, 5.0, 7.5, 10.0, 12.5):
+        at = int(dip * SR)
+        wave[at - 800: at + 800] *= 0.1  # 100 ms, -20 dB: quieter, not a pause
+    pieces = split_at_pauses(wave, 6.0)
+    assert all(p.numel() <= 6 * SR for p in pieces) and len(pieces) == 3
+    assert torch.equal(torch.cat(pieces), wave)
+    cuts = np.cumsum([p.numel() for p in pieces])[:-1] / SR
+    assert np.allclose(cuts, [5.0, 10.0], atol=0.06)  # the last dip in the second half of each window
+    with pytest.raises(ValueError, match="max_seconds must allow two frames"):
+        split_at_pauses(wave, 0.01)

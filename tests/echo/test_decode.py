@@ -220,6 +220,13 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_
     assert cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", "--beam", "2",
                 "--lm", str(tmp_path / "m.jsonl"), str(tmp_path / "u0.wav")]) == 0
     assert "u0.wav\t" in capsys.readouterr().out
+    # A recording longer than --max-seconds: its three tones (pauses between) decode as one batch.
+    pause = np.zeros(8000)
+    tones = [sf.read(tmp_path / f"u{i % 2}.wav")[0] for i in range(3)]
+    sf.write(tmp_path / "long.wav", np.concatenate([pause, tones[0], pause, tones[1], pause, tones[2], pause]), 16000)
+    assert cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", "--beam", "2",
+                "--max-seconds", "1", str(tmp_path / "long.wav")]) == 0
+    assert "long.wav\t" in capsys.readouterr().out
     maps = attention_maps(ckpt, tmp_path / "u1.wav")
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
     if tokenizer == "char":
@@ -239,7 +246,8 @@ def _check_cli_refuses_bad_input(cli, capsys, tmp_path, ckpt):
                (["--lm-weight", "0.3"], "--lm-weight needs --lm"),
                (["--lm", str(tmp_path / "none.txt")], "--lm .*none.txt: no such file"),
                (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
-               ([str(tmp_path / "missing.wav")], "no such audio file: .*missing.wav")]
+               ([str(tmp_path / "missing.wav")], "no such audio file: .*missing.wav"),
+               (["--max-seconds", "-1"], "--max-seconds must be >= 0")]
     for extra, message in refused:
         with pytest.raises(SystemExit) as stop:
             cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", *extra, u0])
