@@ -53,7 +53,7 @@ lint: $(DEPS_STAMP)
 	$(PY) -m ruff check .
 
 test: setup build lint
-	$(PY) -m pytest tests benchmarks -q
+	$(PY) -m pytest tests benchmarks -q --durations=10
 
 # Kernels against the golden, then the main job: corpus, a few minutes of Echo training, WER/CER.
 demo: setup build
