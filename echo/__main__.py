@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to the sub-command's ``main``; returns the exit status. Bad input that only shows
     once the command runs (a config value, a manifest line, a file that is not a checkpoint:
     ``ValueError``, ``TypeError``, ``FileNotFoundError``) is one line on stderr and status 1,
-    not a traceback."""
+    not a traceback (``ECHO_DEBUG=1`` re-raises it)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(argv[1:])
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"python -m echo {argv[0]}: error: {e}", file=sys.stderr)
+        if os.environ.get("ECHO_DEBUG") == "1":
+            raise
+        print(f"python -m echo {argv[0]}: error: {e}\n(ECHO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -187,10 +187,12 @@ def frame_energy_db(wave: torch.Tensor, config: FeatureConfig = DEFAULT_CONFIG) 
     return 20.0 * torch.log10(rms.clamp(min=1e-8))
 
 
-# A pause: at least PAUSE_SECONDS of frames QUIET_DB or more under the recording's loudest frame
-# (longer than a stop closure, shorter than the gap between two sentences).
+# A pause: at least PAUSE_SECONDS of frames QUIET_DB or more under the recording's speech level,
+# the LEVEL_QUANTILE of its frame levels (not the loudest frame: one click would make the
+# speech a pause); longer than a stop closure, shorter than the gap between two sentences.
 PAUSE_SECONDS = 0.25
 QUIET_DB = 35.0
+LEVEL_QUANTILE = 0.95
 
 
 def split_at_pauses(wave: torch.Tensor, max_seconds: float, config: FeatureConfig = DEFAULT_CONFIG
@@ -199,8 +201,8 @@ def split_at_pauses(wave: torch.Tensor, max_seconds: float, config: FeatureConfi
 
     A wave of at most ``max_seconds`` is returned whole. A longer one is cut in the middle of
     every pause (see ``PAUSE_SECONDS``, ``QUIET_DB``), the pauses' quiet frames are left out,
-    and a piece still longer than ``max_seconds`` is cut again at the quietest frame of the
-    second half of each window (so no sliver is cut off).
+    and a piece still longer than ``max_seconds`` is cut again at quiet frames into pieces of at
+    least half of ``max_seconds`` (no slivers).
     """
     limit = int(max_seconds * config.sample_rate)
     hop = config.hop_length
@@ -209,7 +211,7 @@ def split_at_pauses(wave: torch.Tensor, max_seconds: float, config: FeatureConfi
     if wave.numel() <= limit:
         return [wave]
     energy = frame_energy_db(wave, config)  # frame f is centred on sample f * hop
-    loud = (energy > energy.max() - QUIET_DB).tolist()
+    loud = (energy > torch.quantile(energy, LEVEL_QUANTILE) - QUIET_DB).tolist()
     min_pause = max(1, round(PAUSE_SECONDS * config.sample_rate / hop))
     spans, start, quiet_run = [], None, 0
     for f, is_loud in enumerate(loud + [False] * min_pause):  # the padding closes the last span
@@ -231,12 +233,13 @@ def split_at_pauses(wave: torch.Tensor, max_seconds: float, config: FeatureConfi
 
 
 def _split_long(wave: torch.Tensor, energy: torch.Tensor, limit: int, hop: int) -> list[torch.Tensor]:
-    """``wave`` in pieces of at most ``limit`` samples, each cut at the quietest frame (``energy``,
-    frame 0 at the wave's start) of the second half of its window."""
-    pieces, start = [], 0
-    while wave.numel() - start > limit:
-        first, last = (start + limit // 2) // hop + 1, (start + limit) // hop
-        cut = (first + int(energy[first:last + 1].argmin())) * hop
+    """``wave`` in pieces of ``limit / 2`` to ``limit`` samples (the last one too), each cut at the
+    quietest frame (``energy``, frame 0 at the wave's start) that leaves both sides that long."""
+    pieces, start, n = [], 0, wave.numel()
+    while n - start > limit:
+        lo, hi = start + limit // 2, min(start + limit, n - limit // 2)  # where the cut may go
+        first, last = -(-lo // hop), hi // hop  # the frames centred there (maybe none)
+        cut = (first + int(energy[first:last + 1].argmin())) * hop if first <= last else lo
         pieces.append(wave[start:cut])
         start = cut
     pieces.append(wave[start:])

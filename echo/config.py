@@ -7,6 +7,7 @@ dot, YAML 1.1) as a string, and ``8.5`` for an integer field would reach ``range
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import fields
@@ -32,6 +33,18 @@ def section_from_dict(cls: type[Section], data: Any, name: str) -> Section:
     return cls(**{key: _coerce(value, hints[key], f"{name}.{key}") for key, value in data.items()})
 
 
+def _float_or_none(value: Any) -> float | None:
+    """``value`` as a float: a number (not a bool) or a string that reads as one; else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (types.UnionType, typing.Union):
@@ -54,14 +67,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return value
         raise TypeError(f"{key} must be an integer, got {value!r}")
     if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError(f"{key} must be a number, got {value!r}")
+        number = _float_or_none(value)
+        if number is None:
+            raise TypeError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means infinity; NaN would train silently to NaN
+            raise ValueError(f"{key} must be finite, got {value!r}")
+        return number
     if kind is str and not isinstance(value, str):
         raise TypeError(f"{key} must be a string, got {value!r}")
     return value

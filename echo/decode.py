@@ -8,6 +8,7 @@ Shapes: B batch, T mel frames, T' encoder frames, V vocabulary.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +328,8 @@ def check_decoding_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device {args.device} is not available here (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if args.beam < 1:
         parser.error(f"--beam must be >= 1, got {args.beam}")
     if args.decoder == "ctc" and (args.beam > 1 or args.lm is not None):
@@ -350,6 +353,10 @@ def load_lm(path: str | Path | None, tokenizer: CharTokenizer) -> NgramLM | None
     return None if path is None else NgramLM.from_file(path, tokenizer)
 
 
+# Pieces of a long recording decoded together: bounded, so an hour of audio needs no more memory.
+PIECES_PER_BATCH = 16
+
+
 def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, max_seconds: float | None = None,
                     beam: int = 1, decoder: str = "attention", ctc_weight: float = JOINT_CTC_WEIGHT,
                     lm: NgramLM | None = None, lm_weight: float = LM_WEIGHT) -> str:
@@ -358,7 +365,7 @@ def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, 
 
     A recording longer than ``max_seconds`` (give the longest clip the model was trained on) is
     cut at its pauses into utterance-sized pieces of speech (:func:`echo.audio.split_at_pauses`),
-    decoded as one batch, and their texts joined: a model trained on single utterances makes
+    decoded in batches of ``PIECES_PER_BATCH``, and their texts joined: a model trained on single utterances makes
     words of long silences and loses its place in long recordings. Raises ``ValueError`` for a
     file without samples.
     """
@@ -368,14 +375,17 @@ def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, 
     if wave.numel() == 0:
         raise ValueError(f"{path} has no audio samples")
     pieces = split_at_pauses(wave, max_seconds) if max_seconds else [wave]
-    features = [compute_features(p) for p in pieces]
     device = next(model.parameters()).device
-    mel = torch.nn.utils.rnn.pad_sequence([m for m, _ in features], batch_first=True).to(device)
-    f0 = torch.nn.utils.rnn.pad_sequence([f for _, f in features], batch_first=True).to(device)
-    lengths = torch.tensor([m.shape[0] for m, _ in features], device=device)
-    ids = decode_batch(model, mel, lengths, f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight,
-                       lm=lm, lm_weight=lm_weight if lm is not None else 0.0)
-    return " ".join(text for text in (tokenizer.decode(i) for i in ids) if text)
+    texts = []
+    for first in range(0, len(pieces), PIECES_PER_BATCH):
+        features = [compute_features(p) for p in pieces[first:first + PIECES_PER_BATCH]]
+        mel = torch.nn.utils.rnn.pad_sequence([m for m, _ in features], batch_first=True).to(device)
+        f0 = torch.nn.utils.rnn.pad_sequence([f for _, f in features], batch_first=True).to(device)
+        lengths = torch.tensor([m.shape[0] for m, _ in features], device=device)
+        ids = decode_batch(model, mel, lengths, f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight,
+                           lm=lm, lm_weight=lm_weight if lm is not None else 0.0)
+        texts += [tokenizer.decode(i) for i in ids]
+    return " ".join(text for text in texts if text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         p.error(f"no such audio file: {', '.join(missing)}")
-    if args.max_seconds is not None and args.max_seconds < 0:
-        p.error(f"--max-seconds must be >= 0 (0 = never cut), got {args.max_seconds}")
+    if args.max_seconds is not None and not (args.max_seconds == 0 or 1 <= args.max_seconds < math.inf):
+        p.error(f"--max-seconds must be 0 (never cut) or a finite number of seconds >= 1, got {args.max_seconds}")
     ckpt = read_checkpoint(args.checkpoint, args.device)
     model, tokenizer = model_from_checkpoint(ckpt, args.device)
     max_seconds = ckpt["config"]["data"].get("max_duration") if args.max_seconds is None else args.max_seconds

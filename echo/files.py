@@ -41,7 +41,11 @@ def atomic_save(obj: Any, path: str | Path, *, durable: bool = True) -> None:
 
 # What a training checkpoint holds besides tensors and plain containers: the numpy RNG state
 # (an ndarray of uint32). Allowed by name, so that loading never runs code from the file.
-_CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# Named both ways: NumPy 2 pickles numpy._core..., a checkpoint written under NumPy 1 numpy.core....
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+_CHECKPOINT_GLOBALS = [(_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+                       (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                       np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -55,8 +59,11 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         with torch.serialization.safe_globals(_CHECKPOINT_GLOBALS):
             ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
     except Exception as e:  # arbitrary bytes fail in many ways: truncated zip, bad opcodes, refused globals
-        raise ValueError(f"{path} is not an Echo training checkpoint (torch.load: {type(e).__name__})") from e
+        raise ValueError(f"{path} is not an Echo training checkpoint, or holds objects one never does "
+                         f"(torch.load(weights_only=True): {type(e).__name__})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not an Echo training checkpoint")
     return ckpt

@@ -138,3 +138,22 @@ def test_split_at_pauses_cuts_speech_without_pauses_at_its_quietest_frames():
     assert np.allclose(cuts, [5.0, 10.0], atol=0.06)  # the last dip in the second half of each window
     with pytest.raises(ValueError, match="max_seconds must allow two frames"):
         split_at_pauses(wave, 0.01)
+
+
+def test_split_at_pauses_is_not_fooled_by_a_click_and_cuts_no_slivers():
+    """The speech level is a high quantile of the frame levels, not the loudest frame: a click at
+    full scale in quiet speech leaves the speech speech. A piece too long for one window is cut
+    so that both sides keep at least half a window (no 10 ms tail decoded on its own)."""
+    noise = torch.Generator().manual_seed(1)
+
+    def gap(seconds):
+        return 0.001 * torch.randn(int(seconds * SR), generator=noise)
+
+    quiet = torch.cat([0.1 * _tone(8.5), gap(0.5)])  # -20 dB speech, 40 dB over the noise
+    quiet[SR:SR + 160] = 1.0
+    pieces = split_at_pauses(quiet, 6.0)
+    assert sum(p.numel() for p in pieces) >= 8.5 * SR and all(p.numel() <= 6 * SR for p in pieces)
+    for wave in (torch.cat([gap(0.5), _tone(5.8), gap(0.5), _tone(2.0), gap(0.5)]), _tone(6.0 + 1 / SR),
+                 _tone(12.0 + 3 / SR)):
+        sizes = [p.numel() for p in split_at_pauses(wave, 6.0)]
+        assert min(sizes) >= 2.0 * SR and max(sizes) <= 6 * SR, sizes  # the 2 s tone is the shortest

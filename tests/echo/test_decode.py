@@ -173,7 +173,7 @@ def test_score_groups_scores_each_group_on_its_own():
 
 
 @pytest.mark.parametrize(("tokenizer", "vocab_size"), [("char", 42), ("bpe", 48)])
-def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_size):
+def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, monkeypatch, tokenizer, vocab_size):
     """End to end through the files a user touches: checkpoint -> transcribe / evaluate / attention maps,
     with either tokenizer (the checkpoint carries it)."""
     import json
@@ -221,12 +221,22 @@ def test_cli_transcribe_and_evaluate_on_wavs(tmp_path, capsys, tokenizer, vocab_
                 "--lm", str(tmp_path / "m.jsonl"), str(tmp_path / "u0.wav")]) == 0
     assert "u0.wav\t" in capsys.readouterr().out
     # A recording longer than --max-seconds: its three tones (pauses between) decode as one batch.
+    import echo.decode
+
     pause = np.zeros(8000)
     tones = [sf.read(tmp_path / f"u{i % 2}.wav")[0] for i in range(3)]
     sf.write(tmp_path / "long.wav", np.concatenate([pause, tones[0], pause, tones[1], pause, tones[2], pause]), 16000)
+    batches, decode_batch = [], echo.decode.decode_batch
+
+    def decode_batch_spy(model, mel, *args, **kwargs):
+        batches.append(mel.shape[0])
+        return decode_batch(model, mel, *args, **kwargs)
+
+    monkeypatch.setattr(echo.decode, "decode_batch", decode_batch_spy)
     assert cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", "--beam", "2",
                 "--max-seconds", "1", str(tmp_path / "long.wav")]) == 0
-    assert "long.wav\t" in capsys.readouterr().out
+    assert "long.wav\t" in capsys.readouterr().out and batches == [3]
+    monkeypatch.undo()
     maps = attention_maps(ckpt, tmp_path / "u1.wav")
     assert len(maps) == 1 and maps[0].shape[0] == 2 and maps[0].shape[1] == maps[0].shape[2] == 26
     if tokenizer == "char":
@@ -247,7 +257,8 @@ def _check_cli_refuses_bad_input(cli, capsys, tmp_path, ckpt):
                (["--lm", str(tmp_path / "none.txt")], "--lm .*none.txt: no such file"),
                (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
                ([str(tmp_path / "missing.wav")], "no such audio file: .*missing.wav"),
-               (["--max-seconds", "-1"], "--max-seconds must be >= 0")]
+               (["--max-seconds", "-1"], "--max-seconds must be 0 .never cut. or a finite number"),
+               (["--max-seconds", "inf"], "--max-seconds must be 0 .never cut. or a finite number")]
     for extra, message in refused:
         with pytest.raises(SystemExit) as stop:
             cli(["transcribe", "--checkpoint", str(ckpt), "--device", "cpu", *extra, u0])

@@ -303,7 +303,9 @@ def test_config_values_are_checked_against_their_types(tmp_path):
                ("train.eval_every=-5", ValueError, "train.eval_every must be >= 0"),
                ("train.eval_batch_size=0", ValueError, "train.eval_batch_size must be >= 1"),
                ("train.device=tpu", ValueError, "train.device must be one of"),
-               ("data.max_duration=-3", ValueError, "data.max_duration must be > 0")]
+               ("data.max_duration=-3", ValueError, "data.max_duration must be > 0"),
+               ("train.lr=nan", ValueError, "train.lr must be finite, got 'nan'"),
+               ("data.max_duration=.inf", ValueError, "data.max_duration must be finite")]
     for override, error, message in refused:
         with pytest.raises(error, match=message):
             load_config(None, [override])
