@@ -40,6 +40,9 @@ _DIFFERENTIABLE = {
     "alpha": 13, "beta": 14,
 }
 _NUM_INPUTS = 20
+# Without a bias (kind 0) these do not enter the output: no gradient (None, as autograd gives an
+# unused input in the reference), not zeros that an optimiser's weight decay would act on.
+_BIAS_ONLY = frozenset(_DIFFERENTIABLE[n] for n in ("pitch_q", "pitch_k", "alpha", "beta"))
 
 
 def _unpack(args):
@@ -102,8 +105,9 @@ class _FusedAttention(torch.autograd.Function):
         *saved, out, lse = ctx.saved_tensors
         grads = fused_ops(ctx.name)[1](dout.contiguous(), out, lse, *saved, *ctx.flags)
         result = [None] * _NUM_INPUTS
+        biased = ctx.flags[0] != 0
         for grad, index in zip(grads, _DIFFERENTIABLE.values()):
-            if ctx.needs_input_grad[1 + index]:  # input 0 is the backend's name
+            if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY):  # input 0: the name
                 result[index] = grad
         return (None, *result)
 

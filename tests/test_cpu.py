@@ -273,3 +273,23 @@ def test_empty_batch():
     assert out.shape == q.shape and lse.shape == (0, 2, 70)
     assert [tuple(g.shape) for g in grads[:3]] == [tuple(q.shape), tuple(k.shape), tuple(v.shape)]
     assert torch.equal(grads[9], torch.zeros(2)) and torch.equal(grads[10], torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+def test_without_a_bias_its_parameters_get_no_gradient(backend):
+    """bias=None: alpha, beta and the pitch features do not enter the output, so autograd leaves
+    their .grad None on every backend (not zeros, which AdamW's weight decay would act on)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 9, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, generator=gen, requires_grad=True) for _ in range(2))
+    feats = ek.pitch_features(150 * torch.rand(2, 9, generator=gen))
+    pitch = feats.pitch.clone().requires_grad_()
+    alpha, beta = torch.ones(4, requires_grad=True), torch.tensor(0.7, requires_grad=True)
+    for bias, used in ((None, False), ("exp", True)):
+        out = ek.rope_attention(q, k, v, features=feats._replace(pitch=pitch), bias=bias, alpha=alpha, beta=beta,
+                                backend=backend)
+        out.sum().backward()
+        assert (alpha.grad is not None, beta.grad is not None, pitch.grad is not None) == (used,) * 3, bias
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+        for t in (q, k, v, alpha, beta, pitch):
+            t.grad = None
