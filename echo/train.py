@@ -119,12 +119,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.device not in TRAIN_DEVICES:
             raise ValueError(f"train.device must be one of {TRAIN_DEVICES}, got {self.device!r}")
-        for name in ("eval_batch_size", "bucket_factor"):
+        for name in ("batch_size", "max_steps", "log_every", "eval_batch_size", "bucket_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "ckpt_every", "eval_max_utts", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0 = {ZERO_MEANS[name]}), got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("train.lr must be > 0, warmup_steps >= 0, grad_clip >= 0")
         if self.eval_decoder not in DECODERS:
             raise ValueError(f"train.eval_decoder must be one of {DECODERS}, got {self.eval_decoder!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -165,11 +167,6 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ValueError(f"unknown config sections {unknown}; expected model, train, data, augment")
     model = EchoConfig.from_dict(data.get("model") or {})
     train = section_from_dict(TrainConfig, data.get("train"), "train")
-    for name in ("batch_size", "max_steps", "log_every"):
-        if getattr(train, name) <= 0:
-            raise ValueError(f"train.{name} must be positive, got {getattr(train, name)}")
-    if train.lr <= 0 or train.warmup_steps < 0 or train.grad_clip < 0:
-        raise ValueError("train.lr must be > 0, warmup_steps >= 0, grad_clip >= 0")
     if train.eval_decoder != "attention" and model.ctc_weight == 0:
         # Caught here, not at the first dev evaluation minutes into the run.
         raise ValueError(f"train.eval_decoder {train.eval_decoder!r} needs the CTC head: set model.ctc_weight > 0 "
