@@ -370,6 +370,7 @@ def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, 
     file without samples.
     """
     from echo.audio import compute_features, load_audio, split_at_pauses
+    from echo.data.dataset import pad_features
 
     wave = load_audio(path)
     if wave.numel() == 0:
@@ -378,10 +379,8 @@ def transcribe_file(model: Echo, tokenizer: CharTokenizer, path: str | Path, *, 
     device = next(model.parameters()).device
     texts = []
     for first in range(0, len(pieces), PIECES_PER_BATCH):
-        features = [compute_features(p) for p in pieces[first:first + PIECES_PER_BATCH]]
-        mel = torch.nn.utils.rnn.pad_sequence([m for m, _ in features], batch_first=True).to(device)
-        f0 = torch.nn.utils.rnn.pad_sequence([f for _, f in features], batch_first=True).to(device)
-        lengths = torch.tensor([m.shape[0] for m, _ in features], device=device)
+        mels, f0s = zip(*(compute_features(p) for p in pieces[first:first + PIECES_PER_BATCH]), strict=True)
+        mel, lengths, f0 = (t.to(device) for t in pad_features(mels, f0s))
         ids = decode_batch(model, mel, lengths, f0, beam=beam, decoder=decoder, ctc_weight=ctc_weight,
                            lm=lm, lm_weight=lm_weight if lm is not None else 0.0)
         texts += [tokenizer.decode(i) for i in ids]

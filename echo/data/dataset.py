@@ -239,6 +239,15 @@ class Batch:
         return Batch(**moved)
 
 
+def pad_features(mels: Sequence[torch.Tensor], f0s: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Utterances' ``[T_i, n_mels]`` log-mels and ``[T_i]`` f0 as a zero-padded batch:
+    ``(mel [B, T, n_mels], mel_lengths [B] int64, f0 [B, T])``."""
+    mel = torch.nn.utils.rnn.pad_sequence(list(mels), batch_first=True)
+    f0 = torch.nn.utils.rnn.pad_sequence(list(f0s), batch_first=True)
+    return mel, torch.tensor([m.shape[0] for m in mels], dtype=torch.long), f0
+
+
 class Collator:
     """Pads a list of :class:`Example` into a :class:`Batch`; ``pad_id`` fills tokens."""
 
@@ -249,10 +258,11 @@ class Collator:
         def pad(seqs: list[torch.Tensor], value: float) -> torch.Tensor:
             return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
 
+        mel, mel_lengths, f0 = pad_features([e.mel for e in examples], [e.f0 for e in examples])
         return Batch(
-            mel=pad([e.mel for e in examples], 0.0),
-            mel_lengths=torch.tensor([e.mel.shape[0] for e in examples], dtype=torch.long),
-            f0=pad([e.f0 for e in examples], 0.0),
+            mel=mel,
+            mel_lengths=mel_lengths,
+            f0=f0,
             tokens=pad([e.tokens for e in examples], self.pad_id),
             token_lengths=torch.tensor([e.tokens.shape[0] for e in examples], dtype=torch.long),
             token_f0=pad([e.token_f0 for e in examples], 0.0),
