@@ -38,7 +38,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q, k and v must share the head dim D, got {dim}, {k.shape[3]}, {v.shape[3]}")
     if dim <= 0 or dim % 2:
         raise ValueError(f"head dim D must be even and > 0 (rotary pairs), got {dim}")
-    if k.shape[1] == 0 or heads % k.shape[1]:
+    if heads == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k need at least one head each, got {heads} and {k.shape[1]}")
+    if heads % k.shape[1]:
         raise ValueError(
             f"the number of query heads ({heads}) must be a multiple of the key/value heads ({k.shape[1]})"
         )

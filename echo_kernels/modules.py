@@ -81,6 +81,13 @@ class RopeAttention(nn.Module):
         else:
             self.register_buffer("log_theta_offset", torch.zeros(()), persistent=False)
 
+    def extra_repr(self) -> str:
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        cross = ", cross=True" if self.cross else ""
+        return (f"dim={self.dim}, num_heads={self.num_heads}{kv}, bias={self.bias!r}, theta={self.theta:g}, "
+                f"theta_mode={self.theta_mode!r}, radius_mode={self.radius_mode!r}, rotary={self.rotary}{cross}, "
+                f"backend={self.backend!r}")
+
     @property
     def beta(self) -> Tensor:
         """The positive bias sharpness, ``softplus(beta_raw)``."""

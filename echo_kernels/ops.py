@@ -103,13 +103,25 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         *saved, out, lse = ctx.saved_tensors
-        grads = fused_ops(ctx.name)[1](dout.contiguous(), out, lse, *saved, *ctx.flags)
+        second_order = torch.is_grad_enabled()  # backward(create_graph=True)
+        with torch.no_grad():
+            grads = fused_ops(ctx.name)[1](dout.contiguous(), out, lse, *saved, *ctx.flags)
         result = [None] * _NUM_INPUTS
         biased = ctx.flags[0] != 0
         for grad, index in zip(grads, _DIFFERENTIABLE.values()):
             if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY):  # input 0: the name
-                result[index] = grad
+                result[index] = _refuse_second_order(grad, ctx.name) if second_order else grad
         return (None, *result)
+
+
+def _refuse_second_order(grad: Tensor, name: str) -> Tensor:
+    """``grad`` as a tensor whose own backward raises: the kernels have no second-order formula, and
+    without this the error would come from deep inside torch.library, pointing at register_autograd.
+    (What torch's ``once_differentiable`` does, with a message that says what to use instead.)"""
+    message = (f"the {name} backend has no second-order gradients (a backward through a backward); "
+               "use backend='reference' for double backward, e.g. gradient penalties")
+    grad = grad.detach().requires_grad_(True)
+    return torch._C._functions.DelayedError(message, 1)(grad)
 
 
 _OPS: dict[str, tuple[object, object]] = {}

@@ -58,3 +58,10 @@ def test_learnable_theta_off_is_a_buffer():
     layer = ek.RopeAttention(16, 2, learnable_theta=False)
     assert "log_theta_offset" not in dict(layer.named_parameters())
     assert torch.allclose(layer.beta, torch.tensor(1.0))
+
+
+def test_repr_names_the_configuration():
+    text = repr(ek.RopeAttention(64, 4, num_kv_heads=2, bias="l1", theta_mode="mean_f0", cross=True))
+    for part in ("dim=64", "num_heads=4", "num_kv_heads=2", "bias='l1'", "theta_mode='mean_f0'", "cross=True"):
+        assert part in text
+    assert "num_kv_heads" not in repr(ek.RopeAttention(64, 4))

@@ -120,6 +120,32 @@ def test_pos_and_voiced_get_no_gradient(backend):
     assert all(f.grad is not None for f in (feats.log_theta, feats.radius, feats.pitch))
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+def test_cached_steps_with_sliced_features_reproduce_the_causal_pass(backend):
+    """docs/attention.md's recipe for a key/value cache: the newest tq tokens against every key so
+    far, their features sliced from the whole sequence's, give the full causal pass's rows."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 23, 16, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA
+    f0 = 80 + 150 * torch.rand(2, 23, dtype=torch.float64)
+    f0[:, ::4] = 0
+    full = ek.rope_attention(q, k, v, f0, causal=True, backend=backend)
+    for end, tq in ((23, 1), (23, 5), (9, 1), (9, 3)):
+        feats = ek.pitch_features(f0[:, :end], dtype=torch.float64)
+        new = ek.PitchFeatures(*(f[:, end - tq:end] for f in feats))
+        step = ek.rope_attention(q[:, :, end - tq:end], k[:, :, :end], v[:, :, :end], features=new,
+                                 features_k=feats, causal=True, backend=backend)
+        if end == 23:  # the whole sequence's statistics: the full pass's own rows
+            assert max_err(step, full[:, :, end - tq:end]) < 1e-12
+        else:  # a prefix: the full pass over that prefix
+            prefix = ek.rope_attention(q[:, :, :end], k[:, :, :end], v[:, :, :end], f0[:, :end], causal=True,
+                                       backend=backend)
+            assert max_err(step, prefix[:, :, end - tq:]) < 1e-12
+    # f0 of the new tokens alone restarts their positions and statistics: not the same numbers.
+    alone = ek.rope_attention(q[:, :, -1:], k, v, f0[:, -1:], f0_k=f0, causal=True, backend=backend)
+    assert max_err(alone, full[:, :, -1:]) > 1e-3
+
+
 def test_f0_k_defaults_to_f0_for_self_attention():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))

@@ -65,6 +65,8 @@ BAD = {
     "causal type": ({"causal": 1}, TypeError, "causal must be a Python bool, got int"),
     "scale type": ({"scale": "0.1"}, TypeError, "scale must be"),
     "scale inf": ({"scale": float("inf")}, ValueError, "scale must be finite"),
+    "no heads": ({"q": torch.randn(2, 0, 5, 8), "k": torch.randn(2, 0, 6, 8), "v": torch.randn(2, 0, 6, 8)},
+                 ValueError, r"at least one head each, got 0 and 0"),
     "zero head dim": ({"q": torch.randn(2, 4, 5, 0), "k": torch.randn(2, 2, 6, 0), "v": torch.randn(2, 2, 6, 0)},
                       ValueError, "must be even and > 0"),
 }
@@ -155,3 +157,20 @@ def test_module_rejects_bad_calls():
         self_attn(x, lengths=torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="context_lengths must lie in"):
         cross_attn(x, context=torch.randn(2, 4, 16), context_lengths=torch.tensor([5, 4]))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_fused_backends_refuse_second_order_gradients_by_name(backend):
+    if ek.backends()[backend].available is False:
+        pytest.skip(ek.backends()[backend].reason)
+    q, k, v = (t.double().requires_grad_() for t in qkv())
+    f0 = 100 + 100 * torch.rand(2, 5, dtype=torch.float64)
+    loss = ek.rope_attention(q, k, v, f0, f0_k=torch.rand(2, 6, dtype=torch.float64) * 200, backend=backend).square().sum()
+    # First order under create_graph=True is the ordinary gradient ...
+    grads = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+    plain = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    for g, p in zip(grads, plain):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+    # ... and a backward through it names the backend and the way out, not torch.library's internals.
+    with pytest.raises(RuntimeError, match=f"the {backend} backend has no second-order gradients.*backend='reference'"):
+        sum(g.square().sum() for g in grads).backward()

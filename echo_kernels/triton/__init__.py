@@ -58,7 +58,9 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, bias: int, causal: bool)
         return f"q is on {q.device}; the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
     if q.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        where = "on CUDA" if q.device.type == "cuda" else "under the Triton interpreter (bfloat16 dots are wrong there)"
+        where = "on CUDA" if q.device.type == "cuda" else "under the Triton interpreter"
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            where += " (its bfloat16 dots are wrong)"
         return f"q.dtype={q.dtype} is not supported by the Triton backend {where}; supported: {names}"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim D={q.shape[-1]} is not supported by the Triton backend; supported: {HEAD_DIMS}"
