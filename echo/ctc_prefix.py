@@ -8,10 +8,11 @@ the best finished hypothesis beats every live one stays exact.
 
 Per hypothesis g the scorer keeps the forward variables over its utterance's frames,
 ``r_n[t]`` / ``r_b[t]``: log-probability that frames 0..t emit exactly g, ending in a label /
-in a blank. Extending g by every token c at once is two ``logcumsumexp`` scans over time
-(the recursions are linear in probability space), ``[hypotheses, V, T]`` in float64. The
-hypotheses of a batch of utterances are scored together: each row knows its utterance, and
-frames past an utterance's length take no part in its scores.
+in a blank. Scoring every extension of g by a token c is one ``logsumexp`` over time,
+``[hypotheses, V, T]`` in float64; only the extensions a search keeps get their forward
+variables, two ``logcumsumexp`` scans over time (the recursions are linear in probability
+space). The hypotheses of a batch of utterances are scored together: each row knows its
+utterance, and frames past an utterance's length take no part in its scores.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class CTCPrefixScorer:
         self.x = log_probs.double().masked_fill(~self.valid[..., None], 0.0)
         # Cumulative log-probabilities over time, per token: the running products of the recursions.
         self.cum = self.x.cumsum(1)  # [B, T, V]
+        self.xt = self.x.transpose(1, 2).contiguous()  # [B, V, T]: extend's scan runs over time
 
     def initial_state(self, beams: int) -> PrefixState:
         """``beams`` copies of the empty prefix per utterance (rows ``b * beams ...``): all blanks so
@@ -78,45 +80,44 @@ class CTCPrefixScorer:
         last = torch.full((utt.numel(),), -1, dtype=torch.long, device=self.x.device)
         return PrefixState(r_n, r_b, last, torch.zeros_like(r_b[:, 0]), utt)
 
-    def extend(self, state: PrefixState) -> tuple[Tensor, Tensor, Tensor]:
-        """Scores of every one-token extension: ``(score [rows, V], r_n [rows, V, T], r_b [rows, V, T])``.
-
-        ``score[:, eos]`` is the probability that the sequence ends there; the blank's column
-        is -inf (it is not a label).
-        """
-        x, cum = self.x.index_select(0, state.utt), self.cum.index_select(0, state.utt)  # [rows, T, V]
-        rows, frames, vocab = x.shape
-        # phi[t]: paths that emit g by frame t and may start a new label c at frame t + 1;
-        # a repeated label needs a blank in between, so only r_b counts when c == last.
-        phi = torch.logaddexp(state.r_n, state.r_b)[:, None, :].expand(rows, vocab, frames).clone()
-        repeat = torch.arange(vocab, device=x.device)[None, :] == state.last[:, None]  # [rows, V]
-        phi[repeat] = state.r_b[:, None, :].expand(rows, vocab, frames)[repeat]
-        empty = (state.last < 0)[:, None]  # [rows, 1]: the empty prefix may start c at frame 0
-
-        # r_n[t] = (r_n[t-1] + phi[t-1]) * x[t, c], r_n[0] = x[0, c] for the empty prefix:
-        # r_n[t] = cum[t, c] + log sum_{s < t} phi[s] / cum[s, c]  (+ the frame-0 start).
-        cum_c = cum.transpose(1, 2)  # [rows, V, T]
-        start = torch.zeros(rows, vocab, 1, dtype=torch.float64, device=x.device)
-        start = start.masked_fill(~empty[..., None], NEG_INF)  # log of the start at frame 0
-        shifted = torch.cat([start, phi[..., :-1] - cum_c[..., :-1]], dim=-1)
-        r_n = cum_c + torch.logcumsumexp(shifted, dim=-1)
-        # r_b[t] = (r_n[t-1] + r_b[t-1]) * x[t, blank], r_b[0] = 0 probability.
-        cum_b = cum[:, None, :, self.blank]  # [rows, 1, T]
-        into_blank = torch.cat([torch.full_like(r_n[..., :1], NEG_INF), r_n[..., :-1] - cum_b[..., :-1]], dim=-1)
-        r_b = cum_b + torch.logcumsumexp(into_blank, dim=-1)
-        # The prefix score: every frame of the utterance at which c can start after g.
-        starts = torch.cat([start, phi[..., :-1]], dim=-1) + x.transpose(1, 2)
+    def extend(self, state: PrefixState) -> Tensor:
+        """Prefix scores of every one-token extension ``[rows, V]``: ``score[:, eos]`` is the probability
+        that the sequence ends there; the blank's column is -inf (it is not a label). The forward
+        variables of the extensions a search keeps come from :meth:`select`."""
+        xt = self.xt.index_select(0, state.utt)  # [rows, V, T]
+        # Paths that emit g by frame t - 1 may start the label c at frame t; a repeated label needs
+        # a blank in between, so only r_b counts when c == last. The empty prefix may start c at 0.
+        start = self._start(state.last)
+        lead = torch.cat([start, torch.logaddexp(state.r_n, state.r_b)[:, :-1]], dim=-1)  # [rows, T]
+        starts = lead[:, None, :] + xt
+        repeat = (state.last >= 0).nonzero()[:, 0]
+        last = state.last.index_select(0, repeat)
+        starts[repeat, last] = torch.cat([start.index_select(0, repeat), state.r_b.index_select(0, repeat)[:, :-1]],
+                                         dim=-1) + xt[repeat, last]
         starts = starts.masked_fill(~self.valid.index_select(0, state.utt)[:, None, :], NEG_INF)
         score = torch.logsumexp(starts, dim=-1)
         end = (self.lengths.index_select(0, state.utt) - 1)[:, None]  # each row's last frame
         score[:, self.eos] = torch.logaddexp(state.r_n.gather(1, end), state.r_b.gather(1, end))[:, 0]
         score[:, self.blank] = NEG_INF
-        return score, r_n, r_b
+        return score
 
-    @staticmethod
-    def select(state: PrefixState, rows: Tensor, tokens: Tensor, score: Tensor, r_n: Tensor, r_b: Tensor
-               ) -> PrefixState:
-        """The hypotheses ``rows`` of ``state`` extended by ``tokens`` (both ``[rows']``), from ``extend``'s
-        ``score``, ``r_n``, ``r_b``."""
-        return PrefixState(r_n[rows, tokens], r_b[rows, tokens], tokens.clone(), score[rows, tokens],
-                           state.utt.index_select(0, rows))
+    def select(self, state: PrefixState, rows: Tensor, tokens: Tensor, score: Tensor) -> PrefixState:
+        """The hypotheses ``rows`` of ``state`` extended by ``tokens`` (both ``[rows']``), with ``score``,
+        :meth:`extend`'s scores of ``state``."""
+        r_n, r_b, last = state.r_n.index_select(0, rows), state.r_b.index_select(0, rows), state.last.index_select(0, rows)
+        utt = state.utt.index_select(0, rows)
+        phi = torch.where((tokens == last)[:, None], r_b, torch.logaddexp(r_n, r_b))  # as in extend
+        # r_n[t] = (r_n[t-1] + phi[t-1]) * x[t, c], r_n[0] = x[0, c] for the empty prefix:
+        # r_n[t] = cum[t, c] + log sum_{s < t} phi[s] / cum[s, c]  (+ the frame-0 start).
+        cum_c = self.cum[utt, :, tokens]  # [rows', T]
+        new_n = cum_c + torch.logcumsumexp(torch.cat([self._start(last), phi[:, :-1] - cum_c[:, :-1]], dim=-1), dim=-1)
+        # r_b[t] = (r_n[t-1] + r_b[t-1]) * x[t, blank], r_b[0] = 0 probability.
+        cum_b = self.cum[utt, :, self.blank]
+        into_blank = torch.cat([torch.full_like(new_n[:, :1], NEG_INF), new_n[:, :-1] - cum_b[:, :-1]], dim=-1)
+        new_b = cum_b + torch.logcumsumexp(into_blank, dim=-1)
+        return PrefixState(new_n, new_b, tokens.clone(), score[rows, tokens], utt)
+
+    def _start(self, last: Tensor) -> Tensor:
+        """``[rows, 1]``: log of a label's start at frame 0, possible for the empty prefix only."""
+        return torch.zeros(last.shape[0], 1, dtype=torch.float64, device=last.device).masked_fill(
+            (last >= 0)[:, None], NEG_INF)

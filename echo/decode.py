@@ -207,7 +207,7 @@ def beam_search(
         est = model.estimate_token_f0(cross, enc)
         step_scores = logits.float().log_softmax(-1)
         if scorer is not None:
-            ctc_scores, r_n, r_b = scorer.extend(ctc_state)
+            ctc_scores = scorer.extend(ctc_state)
             ctc_gain = (ctc_scores - ctc_state.score[:, None]).float()
             step_scores = (1.0 - ctc_weight) * step_scores + ctc_weight * ctc_gain
         if lm is not None and lm_weight > 0:
@@ -234,12 +234,18 @@ def beam_search(
         if not still:
             break
         index = torch.tensor(keep, device=device)
-        model.reorder_cache(cache, index)
+        # Hypotheses move only within their utterance's rows, so the encoder's rows change only
+        # when an utterance leaves.
+        cross_index = None
         if len(still) < len(active):
             enc = _select(enc_all, rows_of(still))
+            staying = set(still)
+            cross_index = torch.tensor([i * beam + r for i, u in enumerate(active) if u in staying for r in range(beam)],
+                                       device=device)
+        model.reorder_cache(cache, index, cross_index)
         last = torch.tensor(new_last, device=device)
         if scorer is not None:
-            ctc_state = scorer.select(ctc_state, index, last, ctc_scores, r_n, r_b)
+            ctc_state = scorer.select(ctc_state, index, last, ctc_scores)
         last_f0 = est.index_select(0, index) if est is not None else torch.zeros(len(keep), device=device)
         scores = torch.tensor(new_scores, device=device)
         active = still

@@ -293,18 +293,27 @@ def _rotate_pairs(x: Tensor, feats: PitchFeatures) -> Tensor:
     return torch.cat([r * (xe * cos - xo * sin), r * (xe * sin + xo * cos)], dim=-1)
 
 
+def rotated_keys(k: Tensor, fk: PitchFeatures, heads: int) -> Tensor:
+    """Keys ``k [B, Hk, Tk, D]`` repeated to the queries' ``heads`` and rotated as
+    :func:`dense_attention_weights` multiplies them: ``[B, heads, Tk, D]``."""
+    return _rotate_pairs(k.repeat_interleave(heads // k.shape[1], dim=1), fk)
+
+
 def dense_attention_weights(
     attn: RopeAttention, q: Tensor, k: Tensor, fq: PitchFeatures, fk: PitchFeatures, *,
     causal: bool = False, q_lengths: Tensor | None = None, k_lengths: Tensor | None = None,
+    k_rotated: Tensor | None = None,
 ) -> Tensor:
     """Softmax weights ``[B, H, Tq, Tk]`` by the dense contract formula (for display and for the
     decoder's f0 estimate; never under autograd in training). q ``[B, H, Tq, D]``, k ``[B, Hk, Tk, D]``;
     ``fq``/``fk`` must already carry the layer's settings (see :func:`layer_features`).
-    Disallowed entries and padded query rows are 0."""
+    ``k_rotated``: :func:`rotated_keys` of ``k``, when the caller keeps it across calls (decoding's
+    cross-attention keys stay the same at every step). Disallowed entries and padded query rows are 0."""
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
-    k = k.repeat_interleave(heads // k.shape[1], dim=1)
-    scores = (_rotate_pairs(q, fq) @ _rotate_pairs(k, fk).transpose(-1, -2)) / math.sqrt(dim)
+    if k_rotated is None:
+        k_rotated = rotated_keys(k, fk, heads)
+    scores = (_rotate_pairs(q, fq) @ k_rotated.transpose(-1, -2)) / math.sqrt(dim)
     if attn.bias is not None:
         dist = (fq.pitch[:, None, :, None] - fk.pitch[:, None, None, :]).abs()
         both = fq.voiced[:, None, :, None] * fk.voiced[:, None, None, :]
@@ -602,18 +611,30 @@ class Echo(nn.Module):
         return [project_kv(block.cross_attn, enc.states) for block in self.decoder]
 
     def _cross_weights(self, block: DecoderBlock, h: Tensor, k: Tensor, cq: PitchFeatures, ck: PitchFeatures,
-                       enc_lengths: Tensor) -> Tensor:
+                       enc_lengths: Tensor, k_rotated: Tensor | None = None) -> Tensor:
+        """Head-mean cross-attention weights ``[B, U, T']`` of the last decoder ``block``; ``k_rotated``:
+        :meth:`_cross_weight_keys` when decoding keeps it."""
         attn = block.cross_attn
         q = _heads(attn.q_proj(h), attn.num_heads)
         w = dense_attention_weights(attn, q.float(), k.float(), layer_features(attn, cq, torch.float32),
-                                    layer_features(attn, ck, torch.float32), k_lengths=enc_lengths)
+                                    layer_features(attn, ck, torch.float32), k_lengths=enc_lengths,
+                                    k_rotated=k_rotated)
         return w.mean(1)
 
+    def _cross_weight_keys(self, k: Tensor) -> Tensor:
+        """The last decoder layer's cross-attention keys ``k [B, Hk, T', D]`` as :meth:`_cross_weights`
+        multiplies them (float32, every query head, rotated): the same at every decoding step."""
+        attn = self.decoder[-1].cross_attn
+        _, ck = self._cross_features(k.shape[0], 1, k.shape[2], k.device)
+        return rotated_keys(k.float(), layer_features(attn, ck, torch.float32), attn.num_heads)
+
     def init_cache(self, enc: EncoderOutput) -> dict[str, Any]:
-        """Decoding state: per-layer cross-attention keys/values (computed once) and empty self-attention
-        key/value caches plus the cached keys' features."""
+        """Decoding state: per-layer cross-attention keys/values and the last layer's keys for the
+        cross-attention weights (computed once), and empty self-attention key/value caches plus the
+        cached keys' features."""
+        cross = self.cross_kv(enc)
         return {"t": 0, "self_k": [None] * len(self.decoder), "self_v": [None] * len(self.decoder),
-                "feats": None, "cross": self.cross_kv(enc)}
+                "feats": None, "cross": cross, "cross_weight_keys": self._cross_weight_keys(cross[-1][0])}
 
     def step(self, token: Tensor, token_f0: Tensor | None, enc: EncoderOutput, cache: dict[str, Any]
              ) -> tuple[Tensor, Tensor]:
@@ -646,19 +667,25 @@ class Echo(nn.Module):
             ck_, cv_ = cache["cross"][n]
             x = x + attend(block.cross_attn, h, ck_, cv_, cq, ck, causal=False, k_lengths=enc.lengths)
             if n == len(self.decoder) - 1:
-                cross_w = self._cross_weights(block, h, ck_, cq, ck, enc.lengths)[:, 0]
+                cross_w = self._cross_weights(block, h, ck_, cq, ck, enc.lengths, cache["cross_weight_keys"])[:, 0]
             x = x + block.mlp(block.norm3(x))
         cache["feats"], cache["t"] = feats, t + 1
         return (self.dec_norm(x) @ self.embed.weight.t())[:, 0], cross_w
 
     @staticmethod
-    def reorder_cache(cache: dict[str, Any], index: Tensor) -> dict[str, Any]:
-        """Select batch rows ``index [B']`` of every cached tensor (beam search)."""
+    def reorder_cache(cache: dict[str, Any], index: Tensor, cross_index: Tensor | None = None) -> dict[str, Any]:
+        """Select batch rows ``index [B']`` of the hypotheses' own cached tensors (beam search), and rows
+        ``cross_index [B']`` of the encoder's (cross-attention keys and values, which a beam search
+        only needs to select when utterances leave the batch: every hypothesis of an utterance has
+        the same); ``cross_index=None`` keeps those as they are."""
         cache["self_k"] = [None if k is None else k.index_select(0, index) for k in cache["self_k"]]
         cache["self_v"] = [None if v is None else v.index_select(0, index) for v in cache["self_v"]]
         if cache["feats"] is not None:
             cache["feats"] = PitchFeatures(*(f.index_select(0, index) for f in cache["feats"]))
-        cache["cross"] = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache["cross"]]
+        if cross_index is not None:
+            cache["cross"] = [(k.index_select(0, cross_index), v.index_select(0, cross_index))
+                              for k, v in cache["cross"]]
+            cache["cross_weight_keys"] = cache["cross_weight_keys"].index_select(0, cross_index)
         return cache
 
     @staticmethod

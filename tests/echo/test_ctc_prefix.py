@@ -35,9 +35,8 @@ def _walk(scorer, prefix):
     """Scores of ``prefix`` + every token, reached by extending one token at a time from the empty prefix."""
     state = scorer.initial_state(1)
     for token in prefix:
-        score, r_n, r_b = scorer.extend(state)
-        state = scorer.select(state, torch.tensor([0]), torch.tensor([token]), score, r_n, r_b)
-    return state, scorer.extend(state)[0][0]
+        state = scorer.select(state, torch.tensor([0]), torch.tensor([token]), scorer.extend(state))
+    return state, scorer.extend(state)[0]
 
 
 @pytest.mark.parametrize("prefix", [[], [1], [2], [1, 1], [1, 2], [2, 1], [1, 2, 1]])
@@ -70,9 +69,9 @@ def test_scores_never_increase_along_a_prefix():
     scorer = CTCPrefixScorer(log_probs, BLANK, EOS)
     state = scorer.initial_state(2)
     for token in (1, 4, 4, 2):
-        score, r_n, r_b = scorer.extend(state)
+        score = scorer.extend(state)
         assert bool((score <= state.score[:, None] + 1e-12).all())
-        state = scorer.select(state, torch.tensor([0, 1]), torch.tensor([token, token]), score, r_n, r_b)
+        state = scorer.select(state, torch.tensor([0, 1]), torch.tensor([token, token]), score)
 
 
 def test_bad_posteriors_are_named():
@@ -92,22 +91,22 @@ def test_a_padded_batch_scores_each_utterance_as_alone():
     alone = [CTCPrefixScorer(batch[b, :n], BLANK, EOS) for b, n in enumerate(lengths)]
     state, states = scorer.initial_state(2), [s.initial_state(2) for s in alone]
     assert state.utt.tolist() == [0, 0, 1, 1, 2, 2]
+    rows = torch.tensor([1, 0, 3, 2, 5, 4])
     for tokens in ([1, 2], [4, 4], [EOS, 1]):  # the first step keeps rows 0, 1 of each utterance
-        score, r_n, r_b = scorer.extend(state)
+        score = scorer.extend(state)
+        state = scorer.select(state, rows, torch.tensor(tokens * 3), score)
+        assert state.utt.tolist() == [0, 0, 1, 1, 2, 2]
         for b, (single, own) in enumerate(zip(alone, states)):
-            own_score, own_r_n, own_r_b = single.extend(own)
+            own_score = single.extend(own)
             n = lengths[b]
             assert torch.equal(score[2 * b:2 * b + 2], own_score)
-            assert torch.equal(r_n[2 * b:2 * b + 2, :, :n], own_r_n)
-            assert torch.equal(r_b[2 * b:2 * b + 2, :, :n], own_r_b)
-            states[b] = single.select(own, torch.tensor([1, 0]), torch.tensor(tokens), own_score, own_r_n, own_r_b)
-        rows = torch.tensor([1, 0, 3, 2, 5, 4])
-        state = scorer.select(state, rows, torch.tensor(tokens * 3), score, r_n, r_b)
-        assert state.utt.tolist() == [0, 0, 1, 1, 2, 2]
+            states[b] = single.select(own, torch.tensor([1, 0]), torch.tensor(tokens), own_score)
+            assert torch.equal(state.r_n[2 * b:2 * b + 2, :n], states[b].r_n)
+            assert torch.equal(state.r_b[2 * b:2 * b + 2, :n], states[b].r_b)
     # Hypotheses leave the batch: the utterance of each remaining row follows it.
-    state = scorer.select(state, torch.tensor([4, 1]), torch.tensor([2, 2]), *scorer.extend(state))
+    state = scorer.select(state, torch.tensor([4, 1]), torch.tensor([2, 2]), scorer.extend(state))
     assert state.utt.tolist() == [2, 0]
-    score = scorer.extend(state)[0]
+    score = scorer.extend(state)
     assert not score.isnan().any() and torch.isfinite(score[1, [1, 2, 4, EOS]]).all()
     assert score[0, 1] == float("-inf")  # one frame holds no third label
 
