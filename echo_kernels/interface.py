@@ -46,6 +46,20 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(q, k, v):
+    """Under ``torch.autocast``, q, k and v in the autocast dtype, as autocast hands them to
+    ``scaled_dot_product_attention`` (float64 and non-tensors are left to the checks)."""
+    if not isinstance(q, Tensor) or q.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(
+        q.device.type
+    ):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t for t in (q, k, v))
+
+
 def _check_features(feats: PitchFeatures, batch: int, length: int, name: str, dtype, device) -> PitchFeatures:
     if not isinstance(feats, PitchFeatures):
         raise TypeError(f"{name} must be echo_kernels.PitchFeatures, got {type(feats).__name__}")
@@ -146,8 +160,10 @@ def rope_attention(
         theta, theta_mode, radius_mode: passed to ``pitch_features`` for a side given as f0.
 
     Returns:
-        ``[B, H, Tq, D]`` in q's dtype; padded query rows and rows with no allowed key are 0.
+        ``[B, H, Tq, D]`` in q's dtype (under ``torch.autocast``, q, k and v are first cast to its
+        dtype, as for SDPA); padded query rows and rows with no allowed key are 0.
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v)
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")

@@ -146,6 +146,25 @@ def test_cached_steps_with_sliced_features_reproduce_the_causal_pass(backend):
     assert max_err(alone, full[:, :, -1:]) > 1e-3
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+def test_autocast_casts_q_k_v_as_for_sdpa(backend):
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 4, 17, 16, requires_grad=True), torch.randn(2, 2, 17, 16, requires_grad=True)
+    v, f0 = torch.randn(2, 2, 17, 16), 100 + 100 * torch.rand(2, 17)
+    expected = ek.rope_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), f0, causal=True, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ek.rope_attention(q, k, v, f0, causal=True, backend=backend)
+        mixed = ek.rope_attention(q.bfloat16(), k, v, f0, causal=True, backend=backend)  # a float32 cache
+        sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert out.dtype == sdpa.dtype == torch.bfloat16
+    assert torch.equal(out, expected) and torch.equal(mixed, expected)
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32
+    q64 = q.detach().double()  # float64 is not autocast's to cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ek.rope_attention(q64, k.double(), v.double(), f0, backend=backend).dtype == torch.float64
+
+
 def test_f0_k_defaults_to_f0_for_self_attention():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
