@@ -65,8 +65,13 @@ def valid_mask(lengths: Tensor | None, batch: int, length: int, device) -> Tenso
     return t[None, :] < lengths.to(device)[:, None]
 
 
+# Far above any audio's f0 (half a 96 kHz sample rate is 48 kHz), and low enough that the
+# statistics' float32 sums and squares stay finite.
+F0_MAX_HZ = 1e6
+
+
 def check_f0(f0: Tensor, name: str = "f0") -> None:
-    """Raise if ``f0`` is not a real ``[B, T]`` tensor of finite, non-negative Hz."""
+    """Raise if ``f0`` is not a real ``[B, T]`` tensor of Hz in ``[0, F0_MAX_HZ]``."""
     if not isinstance(f0, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, T] in Hz, got {type(f0).__name__}")
     if f0.dim() != 2:
@@ -75,10 +80,14 @@ def check_f0(f0: Tensor, name: str = "f0") -> None:
         raise TypeError(f"{name} must be a floating-point tensor (Hz), got {f0.dtype}")
     if torch.compiler.is_compiling():
         return  # value checks would be data-dependent branches; eager calls have run them
-    if f0.numel() and not bool(torch.isfinite(f0).all()):
+    # One host sync when f0 is good (NaN fails both comparisons); the message is worked out after.
+    if f0.numel() == 0 or bool(((f0 >= 0) & (f0 <= F0_MAX_HZ)).all()):
+        return
+    if not bool(torch.isfinite(f0).all()):
         raise ValueError(f"{name} must be finite; found NaN or inf (use 0 for unvoiced frames)")
-    if f0.numel() and bool((f0 < 0).any()):
+    if bool((f0 < 0).any()):
         raise ValueError(f"{name} must be >= 0 Hz (0 marks an unvoiced frame); found a negative value")
+    raise ValueError(f"{name} must be at most {F0_MAX_HZ:g} Hz; found {float(f0.max()):g}")
 
 
 def is_real_number(value: object) -> bool:

@@ -34,6 +34,9 @@ BAD = {
     "f0_k shape": ({"f0_k": torch.rand(2, 5) * 100}, ValueError, r"f0_k must have shape \[2, 6\]"),
     "f0 negative": ({"f0": -torch.ones(2, 5)}, ValueError, ">= 0"),
     "f0 nan": ({"f0": torch.full((2, 5), float("nan"))}, ValueError, "finite"),
+    # Finite, but past float32 (cast for the features) or past what float32 sums of it hold.
+    "f0 past float32": ({"f0": torch.full((2, 5), 1e39, dtype=torch.float64)}, ValueError, "at most 1e\\+06 Hz"),
+    "f0 absurd": ({"f0": torch.full((2, 5), 2e38)}, ValueError, "f0 must be at most 1e\\+06 Hz; found 2e\\+38"),
     "features type": ({"features": (1, 2)}, TypeError, "PitchFeatures"),
     "features shape": ({"features": ek.pitch_features(torch.ones(2, 4) * 100)}, ValueError, r"features.pos must have shape"),
     "features dtype": ({"features": ek.pitch_features(torch.ones(2, 5) * 100, dtype=torch.float64)}, TypeError,
