@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import chunked, cpu, cuda
@@ -70,8 +71,12 @@ def choose_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, bias: int, c
     """Resolve ``requested`` to a backend name, raising if an explicit choice cannot serve."""
     if requested == "reference":
         return requested
+    transformed = _functorch_reason()
+    if requested == "auto" and transformed is not None:
+        return "reference"
     if requested != "auto":
-        reason = unavailable_reason(requested) or backend_module(requested).unsupported_reason(q, k, v, bias, causal)
+        reason = (transformed or unavailable_reason(requested)
+                  or backend_module(requested).unsupported_reason(q, k, v, bias, causal))
         if reason is not None:
             raise NotImplementedError(f"backend={requested!r} cannot run these inputs: {reason}")
         return requested
@@ -79,3 +84,14 @@ def choose_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, bias: int, c
         if unavailable_reason(name) is None and backend_module(name).unsupported_reason(q, k, v, bias, causal) is None:
             return name
     return "chunked"
+
+
+def _functorch_reason() -> str | None:
+    """Why no backend but the reference serves inside ``torch.func`` transforms, or None outside them.
+
+    The fused backends' autograd has no batching rule and no second order: under grad or vmap it
+    fails inside torch.library, and under nested grads it would drop a term without a word.
+    """
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return None
+    return "inside torch.func transforms (grad, vmap, jacrev, ...) only backend='reference' runs"

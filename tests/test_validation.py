@@ -177,3 +177,24 @@ def test_fused_backends_refuse_second_order_gradients_by_name(backend):
     # ... and a backward through it names the backend and the way out, not torch.library's internals.
     with pytest.raises(RuntimeError, match=f"the {backend} backend has no second-order gradients.*backend='reference'"):
         sum(g.square().sum() for g in grads).backward()
+
+
+def test_torch_func_transforms_run_the_reference():
+    # The fused backends have no batching rule and no second order: "auto" takes the reference
+    # inside torch.func, and an explicit fused backend is refused by name.
+    from torch.func import grad
+
+    q, k, v = (t.double() for t in qkv())
+    f0 = 100 + 100 * torch.rand(2, 5, dtype=torch.float64)
+
+    def loss(backend):
+        return lambda q: ek.rope_attention(q, k, v, f0, backend=backend).square().sum()
+
+    torch.testing.assert_close(grad(loss("auto"))(q), grad(loss("reference"))(q), rtol=0, atol=0)
+    second = grad(lambda q: grad(loss("auto"))(q).square().sum())(q)
+    q_ = q.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss("reference")(q_), q_, create_graph=True)
+    torch.testing.assert_close(second, torch.autograd.grad(g.square().sum(), q_)[0])
+    for backend in ("chunked", "cpu"):
+        with pytest.raises(NotImplementedError, match=f"backend='{backend}' cannot run.*torch.func"):
+            grad(loss(backend))(q)
