@@ -65,6 +65,13 @@ def valid_mask(lengths: Tensor | None, batch: int, length: int, device) -> Tenso
     return t[None, :] < lengths.to(device)[:, None]
 
 
+def values_readable(t: Tensor) -> bool:
+    """Whether value checks can read ``t``: not while torch.compile traces (they would be
+    data-dependent branches; eager calls have run them) nor on the meta device (shape-only
+    runs, e.g. deferred initialisation)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
 # Far above any audio's f0 (half a 96 kHz sample rate is 48 kHz), and low enough that the
 # statistics' float32 sums and squares stay finite.
 F0_MAX_HZ = 1e6
@@ -78,8 +85,8 @@ def check_f0(f0: Tensor, name: str = "f0") -> None:
         raise ValueError(f"{name} must have shape [B, T], got {tuple(f0.shape)}")
     if not f0.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (Hz), got {f0.dtype}")
-    if torch.compiler.is_compiling():
-        return  # value checks would be data-dependent branches; eager calls have run them
+    if not values_readable(f0):
+        return
     # One host sync when f0 is good (NaN fails both comparisons); the message is worked out after.
     if f0.numel() == 0 or bool(((f0 >= 0) & (f0 <= F0_MAX_HZ)).all()):
         return
@@ -156,7 +163,7 @@ def pitch_features(
             )
         if positions.device != f0.device:
             raise ValueError(f"positions must be on f0's device {f0.device}, got {positions.device}")
-        if not torch.compiler.is_compiling() and positions.numel() and not bool(torch.isfinite(positions).all()):
+        if values_readable(positions) and positions.numel() and not bool(torch.isfinite(positions).all()):
             raise ValueError("positions must be finite; found NaN or inf")
     return _features_from_f0(f0, lengths, theta, theta_mode, radius_mode, positions, dtype)
 
@@ -249,7 +256,7 @@ def check_lengths(lengths: Tensor, batch: int, length: int, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape [{batch}] (one length per batch entry), got {tuple(lengths.shape)}")
-    if torch.compiler.is_compiling() or not lengths.numel():
+    if not values_readable(lengths) or not lengths.numel():
         return
     # One host copy (a sync on GPU, as any value check is), no elementwise ops: at short lengths
     # three small ops were ~40 us of a ~0.5 ms call.

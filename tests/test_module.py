@@ -65,3 +65,15 @@ def test_repr_names_the_configuration():
     for part in ("dim=64", "num_heads=4", "num_kv_heads=2", "bias='l1'", "theta_mode='mean_f0'", "cross=True"):
         assert part in text
     assert "num_kv_heads" not in repr(ek.RopeAttention(64, 4))
+
+
+def test_meta_device_runs_shapes_only():
+    # Deferred initialisation and shape inference build and run layers on the meta device,
+    # where the value checks (lengths in range, f0 finite) have nothing to read.
+    with torch.device("meta"):
+        layer = ek.RopeAttention(64, 4, num_kv_heads=2)
+        x, f0, lengths = torch.randn(2, 10, 64), torch.rand(2, 10), torch.tensor([10, 7])
+        out = layer(x, f0, lengths=lengths, causal=True)
+        out.sum().backward()
+    assert out.shape == (2, 10, 64) and out.device.type == "meta"
+    assert layer.q_proj.weight.grad.shape == (64, 64)
