@@ -184,15 +184,21 @@ def rope_attention(
     elif not isinstance(scale, (int, float)):
         scale = float(scale)  # a NumPy scalar: the kernels take a Python float
 
+    # Self-attention passes one lengths tensor (and f0 or features) for both sides: checked and
+    # computed once (each value check is a host sync on GPU).
+    same_lengths = k_lengths is q_lengths and tk == tq
     ql = _resolve_lengths(q_lengths, batch, tq, "q_lengths", device)
-    kl = _resolve_lengths(k_lengths, batch, tk, "k_lengths", device)
+    kl = ql if same_lengths else _resolve_lengths(k_lengths, batch, tk, "k_lengths", device)
     feature_args = {"theta": theta, "theta_mode": theta_mode, "radius_mode": radius_mode}
     fq = _side_features(features, f0, batch, tq, q_lengths, "features", stat_dtype, device, feature_args)
     if features_k is None and f0_k is None and tq == tk:
         # Self-attention: the keys are the query tokens.
         features_k = features
         f0_k = f0 if features is None else None
-    fk = _side_features(features_k, f0_k, batch, tk, k_lengths, "features_k", stat_dtype, device, feature_args)
+    if same_lengths and features_k is features and f0_k is f0:
+        fk = fq
+    else:
+        fk = _side_features(features_k, f0_k, batch, tk, k_lengths, "features_k", stat_dtype, device, feature_args)
     alpha_t = _resolve_alpha(alpha, heads, stat_dtype, device)
     beta_t = _resolve_beta(beta, stat_dtype, device)
     bias_kind = BIAS_KINDS[bias]

@@ -198,3 +198,25 @@ def test_torch_func_transforms_run_the_reference():
     for backend in ("chunked", "cpu"):
         with pytest.raises(NotImplementedError, match=f"backend='{backend}' cannot run.*torch.func"):
             grad(loss(backend))(q)
+
+
+def test_self_attention_reads_lengths_and_f0_once(monkeypatch):
+    # Every value check reads the tensor on the host (a sync on GPU); self-attention given one
+    # lengths tensor and one f0 checks each once, with the same result as two equal tensors.
+    q, k, v = qkv(tq=6)
+    f0, lengths = 100 + 100 * torch.rand(2, 6), torch.tensor([6, 4])
+    two = ek.rope_attention(q, k, v, f0, f0_k=f0.clone(), q_lengths=lengths, k_lengths=lengths.clone(), causal=True)
+    reads = []
+
+    def counted(name, original):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("tolist", "item", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    one = ek.rope_attention(q, k, v, f0, q_lengths=lengths, k_lengths=lengths, causal=True)
+    monkeypatch.undo()
+    assert torch.equal(one, two)
+    assert sorted(reads) == ["__bool__", "tolist"]  # f0's range, the lengths' range
