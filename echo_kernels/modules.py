@@ -4,15 +4,36 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .dispatch import BACKENDS
-from .features import PitchFeatures, check_feature_options, check_lengths, side_features, type_name
+from .features import PitchFeatures, check_f0, check_feature_options, check_lengths, side_features, type_name
 from .interface import rope_attention
 from .reference import check_bias_kind
+
+
+@dataclass
+class KVCache:
+    """Keys and values ``[B, Hk, S, D]`` (unrotated: the kernels rotate them) and f0 ``[B, S]`` (None
+    without f0) of the S tokens a self-attention layer has seen, from :meth:`RopeAttention.new_cache`.
+    ``forward(..., cache=cache)`` appends to it; :meth:`reorder` follows a beam search."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    f0: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index [B']`` (beam search: each hypothesis takes its parent's cache)."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if self.f0 is not None:
+            self.f0 = self.f0.index_select(0, index)
 
 
 class RopeAttention(nn.Module):
@@ -119,10 +140,20 @@ class RopeAttention(nn.Module):
         causal: bool = False,
         lengths: Tensor | None = None,
         context_lengths: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
-        """x ``[B, T, dim]``, f0 ``[B, T]`` Hz; context ``[B, S, dim]`` for cross. Returns ``[B, T, dim]``."""
+        """x ``[B, T, dim]``, f0 ``[B, T]`` Hz; context ``[B, S, dim]`` for cross. Returns ``[B, T, dim]``.
+
+        ``cache`` (self-attention, from :meth:`new_cache`): x and f0 are the newest T tokens of
+        sequences whose earlier tokens the cache holds; they attend to those and (causal) to each
+        other, with the features of the whole sequence so far: each call gives the last T rows of
+        a causal pass over the sequence so far (whose pitch statistics are those of its tokens).
+        The cache is extended in place.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, T, {self.dim}], got {tuple(x.shape)}")
+        if cache is not None:
+            return self._forward_cached(x, f0, cache, causal, lengths)
         if self.cross and context is None:
             raise ValueError("context is required: this RopeAttention was built with cross=True")
         if not self.cross and (context is not None or f0_context is not None or context_lengths is not None):
@@ -149,4 +180,41 @@ class RopeAttention(nn.Module):
             q, k, v, features=fq, features_k=fk, bias=self.bias, alpha=self.alpha, beta=self.beta,
             causal=causal, q_lengths=lengths, k_lengths=k_lengths, backend=self.backend,
         )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for decoding with ``forward(..., cache=...)``."""
+        return KVCache()
+
+    def _forward_cached(self, x: Tensor, f0: Tensor | None, cache: KVCache, causal: bool,
+                        lengths: Tensor | None) -> Tensor:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must come from RopeAttention.new_cache(), got {type_name(cache)}")
+        if self.cross:
+            raise ValueError("cache is for self-attention; a cross-attention layer's keys do not grow")
+        if lengths is not None:
+            raise ValueError("lengths cannot be combined with cache: every sequence gains the same tokens")
+        batch, length, _ = x.shape
+        seen = len(cache)
+        if seen and (cache.k.shape[0] != batch or (cache.f0 is None) != (f0 is None)):
+            raise ValueError(
+                f"this cache holds {cache.k.shape[0]} sequences {'with' if cache.f0 is not None else 'without'} "
+                f"f0; got x for {batch} {'with' if f0 is not None else 'without'} f0"
+            )
+        q = self._heads(self.q_proj(x), self.num_heads)
+        k = self._heads(self.k_proj(x), self.num_kv_heads)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if seen:
+            k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+        if f0 is not None:
+            check_f0(f0)
+            if f0.shape != (batch, length):
+                raise ValueError(f"f0 must have shape [{batch}, {length}] like x's tokens, got {tuple(f0.shape)}")
+            f0 = f0 if not seen else torch.cat([cache.f0, f0.to(cache.f0)], 1)
+        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        fk = self.features(f0, batch, seen + length, None, stat, x.device)
+        fq = PitchFeatures(*(f[:, seen:] for f in fk))
+        out = rope_attention(q, k, v, features=fq, features_k=fk, bias=self.bias, alpha=self.alpha, beta=self.beta,
+                             causal=causal, backend=self.backend)
+        cache.k, cache.v, cache.f0 = k, v, f0
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))

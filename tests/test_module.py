@@ -1,5 +1,6 @@
 """RopeAttention: a drop-in layer that trains and routes gradients to its pitch parameters."""
 
+import pytest
 import torch
 
 import echo_kernels as ek
@@ -77,3 +78,51 @@ def test_meta_device_runs_shapes_only():
         out.sum().backward()
     assert out.shape == (2, 10, 64) and out.device.type == "meta"
     assert layer.q_proj.weight.grad.shape == (64, 64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+@pytest.mark.parametrize("with_f0", [True, False])
+def test_cached_decoding_gives_the_last_rows_of_a_causal_pass_over_the_prefix(backend, with_f0):
+    # The pitch statistics (mean, spread) are those of the tokens so far, as a causal pass over
+    # the prefix computes them: decoding cannot know the rest.
+    torch.manual_seed(6)
+    layer = ek.RopeAttention(32, 4, num_kv_heads=2, backend=backend).double()
+    x = torch.randn(3, 11, 32, dtype=torch.float64)
+    f0 = (80 + 150 * torch.rand(3, 11, dtype=torch.float64)) * (torch.rand(3, 11) > 0.3) if with_f0 else None
+
+    def upto(t, end):
+        return None if t is None else t[:, :end]
+
+    cache = layer.new_cache()
+    with torch.no_grad():
+        for a, b in [(0, 4)] + [(t, t + 1) for t in range(4, 11)]:  # a prompt, then one token at a time
+            step = layer(x[:, a:b], None if f0 is None else f0[:, a:b], causal=True, cache=cache)
+            prefix = layer(x[:, :b], upto(f0, b), causal=True)
+            torch.testing.assert_close(step, prefix[:, a:b], rtol=0, atol=1e-12)
+    assert len(cache) == 11
+    # A beam search hands each row its parent's cache: rows 2, 0, 0 continue as three sequences.
+    index = torch.tensor([2, 0, 0])
+    cache.reorder(index)
+    extra = torch.randn(3, 1, 32, dtype=torch.float64)
+    extra_f0 = None if f0 is None else torch.full((3, 1), 120.0, dtype=torch.float64)
+    with torch.no_grad():
+        step = layer(extra, extra_f0, causal=True, cache=cache)
+        whole = layer(torch.cat([x[index], extra], 1), None if f0 is None else torch.cat([f0[index], extra_f0], 1),
+                      causal=True)
+    torch.testing.assert_close(step, whole[:, -1:], rtol=0, atol=1e-12)
+
+
+def test_cache_misuse_is_named():
+    layer, cache = ek.RopeAttention(16, 2), ek.RopeAttention(16, 2).new_cache()
+    x, f0 = torch.randn(2, 3, 16), torch.rand(2, 3) * 200
+    layer(x, f0, causal=True, cache=cache)
+    with pytest.raises(ValueError, match="holds 2 sequences with f0; got x for 1 with f0"):
+        layer(x[:1], f0[:1], cache=cache)
+    with pytest.raises(ValueError, match="holds 2 sequences with f0; got x for 2 without f0"):
+        layer(x, cache=cache)
+    with pytest.raises(ValueError, match="lengths cannot be combined with cache"):
+        layer(x, f0, lengths=torch.tensor([3, 2]), cache=cache)
+    with pytest.raises(ValueError, match="cache is for self-attention"):
+        ek.RopeAttention(16, 2, cross=True)(x, context=x, cache=cache)
+    with pytest.raises(TypeError, match="cache must come from RopeAttention.new_cache"):
+        layer(x, f0, cache={"k": None})
