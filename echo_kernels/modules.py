@@ -31,6 +31,8 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index [B']`` (beam search: each hypothesis takes its parent's cache)."""
+        if self.k is None:
+            raise ValueError("an empty cache has no rows to reorder: run the prompt through the layer first")
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
         if self.f0 is not None:
             self.f0 = self.f0.index_select(0, index)

@@ -115,6 +115,8 @@ def test_cached_decoding_gives_the_last_rows_of_a_causal_pass_over_the_prefix(ba
 def test_cache_misuse_is_named():
     layer, cache = ek.RopeAttention(16, 2), ek.RopeAttention(16, 2).new_cache()
     x, f0 = torch.randn(2, 3, 16), torch.rand(2, 3) * 200
+    with pytest.raises(ValueError, match="empty cache has no rows"):
+        cache.reorder(torch.tensor([0]))
     layer(x, f0, causal=True, cache=cache)
     with pytest.raises(ValueError, match="holds 2 sequences with f0; got x for 1 with f0"):
         layer(x[:1], f0[:1], cache=cache)
