@@ -678,6 +678,9 @@ class Echo(nn.Module):
         ``cross_index [B']`` of the encoder's (cross-attention keys and values, which a beam search
         only needs to select when utterances leave the batch: every hypothesis of an utterance has
         the same); ``cross_index=None`` keeps those as they are."""
+        if cross_index is None and index.numel() != cache["cross"][0][0].shape[0]:
+            raise ValueError(f"reorder_cache: {index.numel()} rows from {cache['cross'][0][0].shape[0]} change the "
+                             "batch, so the cross-attention keys need their cross_index")
         cache["self_k"] = [None if k is None else k.index_select(0, index) for k in cache["self_k"]]
         cache["self_v"] = [None if v is None else v.index_select(0, index) for v in cache["self_v"]]
         if cache["feats"] is not None:

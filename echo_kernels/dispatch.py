@@ -92,6 +92,6 @@ def _functorch_reason() -> str | None:
     The fused backends' autograd has no batching rule and no second order: under grad or vmap it
     fails inside torch.library, and under nested grads it would drop a term without a word.
     """
-    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+    if not torch._C._are_functorch_transforms_active():  # under torch.compile too: compiled transforms
         return None
     return "inside torch.func transforms (grad, vmap, jacrev, ...) only backend='reference' runs"

@@ -67,9 +67,11 @@ def valid_mask(lengths: Tensor | None, batch: int, length: int, device) -> Tenso
 
 def values_readable(t: Tensor) -> bool:
     """Whether value checks can read ``t``: not while torch.compile traces (they would be
-    data-dependent branches; eager calls have run them) nor on the meta device (shape-only
-    runs, e.g. deferred initialisation)."""
-    return not torch.compiler.is_compiling() and t.device.type != "meta"
+    data-dependent branches; eager calls have run them), not on the meta device (shape-only
+    runs, e.g. deferred initialisation), not inside ``vmap`` (one batched tensor has no single
+    truth value)."""
+    return (not torch.compiler.is_compiling() and t.device.type != "meta"
+            and not torch._C._functorch.is_batchedtensor(t))
 
 
 # Far above any audio's f0 (half a 96 kHz sample rate is 48 kHz), and low enough that the
@@ -87,8 +89,9 @@ def check_f0(f0: Tensor, name: str = "f0") -> None:
         raise TypeError(f"{name} must be a floating-point tensor (Hz), got {f0.dtype}")
     if not values_readable(f0):
         return
-    # One host sync when f0 is good (NaN fails both comparisons); the message is worked out after.
-    if f0.numel() == 0 or bool(((f0 >= 0) & (f0 <= F0_MAX_HZ)).all()):
+    # One host sync when f0 is good (NaN fails the comparisons; isfinite because float16 rounds
+    # F0_MAX_HZ to inf); the message is worked out after.
+    if f0.numel() == 0 or bool((torch.isfinite(f0) & (f0 >= 0) & (f0 <= F0_MAX_HZ)).all()):
         return
     if not bool(torch.isfinite(f0).all()):
         raise ValueError(f"{name} must be finite; found NaN or inf (use 0 for unvoiced frames)")

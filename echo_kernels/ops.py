@@ -108,20 +108,32 @@ class _FusedAttention(torch.autograd.Function):
             grads = fused_ops(ctx.name)[1](dout.contiguous(), out, lse, *saved, *ctx.flags)
         result = [None] * _NUM_INPUTS
         biased = ctx.flags[0] != 0
+        wanted = [index for index in _DIFFERENTIABLE.values()
+                  if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY)]  # input 0: the name
         for grad, index in zip(grads, _DIFFERENTIABLE.values()):
-            if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY):  # input 0: the name
-                result[index] = _refuse_second_order(grad, ctx.name) if second_order else grad
+            if index in wanted:
+                result[index] = grad
+        if second_order:
+            refused = _refuse_second_order([result[i] for i in wanted], [dout, *saved], ctx.name)
+            for index, grad in zip(wanted, refused):
+                result[index] = grad
         return (None, *result)
 
 
-def _refuse_second_order(grad: Tensor, name: str) -> Tensor:
-    """``grad`` as a tensor whose own backward raises: the kernels have no second-order formula, and
+def _refuse_second_order(grads: list[Tensor], inputs: list[Tensor], name: str) -> list[Tensor]:
+    """``grads`` as tensors whose own backward raises: the kernels have no second-order formula, and
     without this the error would come from deep inside torch.library, pointing at register_autograd.
+    The error node takes the backward's ``inputs`` that carry a graph, so that every way back to
+    them (``backward()``, or ``autograd.grad`` naming them) meets it instead of skipping the term.
     (What torch's ``once_differentiable`` does, with a message that says what to use instead.)"""
+    anchors = [t for t in inputs if t.requires_grad]
+    if not grads or not anchors:
+        return grads  # nothing upstream needs a gradient: no second order to refuse
     message = (f"the {name} backend has no second-order gradients (a backward through a backward); "
                "use backend='reference' for double backward, e.g. gradient penalties")
-    grad = grad.detach().requires_grad_(True)
-    return torch._C._functions.DelayedError(message, 1)(grad)
+    outputs = torch._C._functions.DelayedError(message, len(grads) + len(anchors))(
+        *(g.detach() for g in grads), *anchors)
+    return list(outputs[:len(grads)])
 
 
 _OPS: dict[str, tuple[object, object]] = {}

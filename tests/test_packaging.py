@@ -30,3 +30,4 @@ def test_sdist_holds_every_source_and_test_file(tmp_path):
     wanted = files_under("csrc") | files_under("tests") | {"configs/tiny.yaml", "pyproject.toml", "setup.py"}
     assert "csrc/cpu/vrope_common.h" in wanted  # the header the C++ kernels include
     assert sorted(wanted - shipped) == []
+    assert [name for name in shipped if name.endswith(".pyc")] == []  # tests/__pycache__ is on disk here

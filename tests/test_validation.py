@@ -36,6 +36,8 @@ BAD = {
     "f0 nan": ({"f0": torch.full((2, 5), float("nan"))}, ValueError, "finite"),
     # Finite, but past float32 (cast for the features) or past what float32 sums of it hold.
     "f0 past float32": ({"f0": torch.full((2, 5), 1e39, dtype=torch.float64)}, ValueError, "at most 1e\\+06 Hz"),
+    "f0 float16 inf": ({"f0": torch.tensor([[100.0, float("inf"), 0, 90, 80]] * 2, dtype=torch.float16)}, ValueError,
+                       "f0 must be finite"),
     "f0 absurd": ({"f0": torch.full((2, 5), 2e38)}, ValueError, "f0 must be at most 1e\\+06 Hz; found 2e\\+38"),
     "features type": ({"features": (1, 2)}, TypeError, "PitchFeatures"),
     "features shape": ({"features": ek.pitch_features(torch.ones(2, 4) * 100)}, ValueError, r"features.pos must have shape"),
@@ -174,8 +176,18 @@ def test_fused_backends_refuse_second_order_gradients_by_name(backend):
     plain = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
     for g, p in zip(grads, plain):
         torch.testing.assert_close(g, p, rtol=0, atol=0)
-    # ... and a backward through it names the backend and the way out, not torch.library's internals.
-    with pytest.raises(RuntimeError, match=f"the {backend} backend has no second-order gradients.*backend='reference'"):
+    # ... and a backward through it names the backend and the way out, not torch.library's internals,
+    # whether it runs as backward() or as autograd.grad naming the inputs (which skips nodes that
+    # lead nowhere: the refusal must not be one of them, or the term would be dropped silently).
+    refused = f"the {backend} backend has no second-order gradients.*backend='reference'"
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(grads[0].square().sum(), q)
+    w = torch.rand_like(q, requires_grad=True)
+    loss = ek.rope_attention(q.detach() * w, k.detach(), v.detach(), f0, backend=backend).square().sum()
+    (gw,) = torch.autograd.grad(loss, w, create_graph=True)
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(gw.square().sum() + w.square().sum(), w)
+    with pytest.raises(RuntimeError, match=refused):
         sum(g.square().sum() for g in grads).backward()
 
 
@@ -198,6 +210,11 @@ def test_torch_func_transforms_run_the_reference():
     for backend in ("chunked", "cpu"):
         with pytest.raises(NotImplementedError, match=f"backend='{backend}' cannot run.*torch.func"):
             grad(loss(backend))(q)
+    # vmap over f0 (the value checks cannot read a batched tensor, and skip it) is a loop over items.
+    f0s = 100 + 100 * torch.rand(3, 2, 5, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda f: ek.rope_attention(q, k, v, f, f0_k=f0s[0, :, :1].expand(2, 6)))(f0s)
+    for f, out in zip(f0s, mapped):
+        torch.testing.assert_close(out, ek.rope_attention(q, k, v, f, f0_k=f0s[0, :, :1].expand(2, 6)))
 
 
 def test_self_attention_reads_lengths_and_f0_once(monkeypatch):
