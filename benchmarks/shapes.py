@@ -44,9 +44,11 @@ class Shape:
 def shapes() -> list[Shape]:
     """Speech shapes (encoder, decoder, cross) and a sweep; small ones in smoke mode."""
     gpu = device() == "cuda"
+    # "step": one decoding step, a new token against the cached keys (no mask needed: it may see
+    # them all; SDPA's is_causal would align it with the first key instead).
     if not full_mode():
         return [Shape("encoder", 1, 4, 4, 150, 150, 64, False), Shape("decoder", 1, 4, 4, 64, 64, 64, True),
-                Shape("cross", 1, 4, 4, 48, 150, 64, False)]
+                Shape("cross", 1, 4, 4, 48, 150, 64, False), Shape("step", 1, 4, 4, 1, 150, 64, False)]
     b, h, dims = (4, 16, (64, 128)) if gpu else (1, 8, (64,))
     sweep = (2048, 16384, 8192, 4096, 1024) if gpu else (512, 1024, 2048, 4096)
     # The sweep first, the lengths that matter most first: a run cut short by its time
@@ -55,6 +57,7 @@ def shapes() -> list[Shape]:
     for d in dims:
         result += [Shape("encoder", b, h, h, t, t, d, False) for t in (1500, 3000)]
         result += [Shape("decoder", b, h, h, 448, 448, d, True), Shape("cross", b, h, h, 448, 1500, d, False)]
+        result += [Shape("step", b, h, h, 1, t, d, False) for t in (448, 4096)]
     return result
 
 
