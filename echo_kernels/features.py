@@ -65,6 +65,12 @@ def valid_mask(lengths: Tensor | None, batch: int, length: int, device) -> Tenso
     return t[None, :] < lengths.to(device)[:, None]
 
 
+def feature_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the features and statistics for queries of ``q_dtype``: float64 with float64,
+    else float32."""
+    return torch.float64 if q_dtype == torch.float64 else torch.float32
+
+
 def values_readable(t: Tensor) -> bool:
     """Whether value checks can read ``t``: not while torch.compile traces (they would be
     data-dependent branches; eager calls have run them), not on the meta device (shape-only

@@ -9,7 +9,15 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import BACKENDS, choose_backend
-from .features import PitchFeatures, check_feature_options, check_lengths, is_real_number, side_features, type_name
+from .features import (
+    PitchFeatures,
+    check_feature_options,
+    check_lengths,
+    feature_dtype,
+    is_real_number,
+    side_features,
+    type_name,
+)
 from .reference import BIAS_KINDS, check_bias_kind, reference_attention
 
 QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -174,7 +182,7 @@ def rope_attention(
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
     device = q.device
-    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stat_dtype = feature_dtype(q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
     elif not is_real_number(scale):

@@ -11,7 +11,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .dispatch import BACKENDS
-from .features import PitchFeatures, check_f0, check_feature_options, check_lengths, side_features, type_name
+from .features import (
+    PitchFeatures,
+    check_f0,
+    check_feature_options,
+    check_lengths,
+    feature_dtype,
+    side_features,
+    type_name,
+)
 from .interface import rope_attention
 from .reference import check_bias_kind
 
@@ -168,19 +176,28 @@ class RopeAttention(nn.Module):
             check_lengths(lengths, batch, length, "lengths")
         if self.cross and context_lengths is not None:
             check_lengths(context_lengths, batch, source.shape[1], "context_lengths")
-        q = self._heads(self.q_proj(x), self.num_heads)
-        k = self._heads(self.k_proj(source), self.num_kv_heads)
-        v = self._heads(self.v_proj(source), self.num_kv_heads)
-        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k, v = self._project(x, source)
+        stat = feature_dtype(q.dtype)
         fq = self.features(f0, batch, length, lengths, stat, x.device)
         if self.cross:
             fk = self.features(f0_context, batch, source.shape[1], context_lengths, stat, x.device, "f0_context")
             k_lengths = context_lengths
         else:
             fk, k_lengths = fq, lengths
+        return self._attend(q, k, v, fq, fk, causal, lengths, k_lengths)
+
+    def _project(self, x: Tensor, source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``[B, H, T, Dh]`` of x, k and v ``[B, Hk, S, Dh]`` of source."""
+        return (self._heads(self.q_proj(x), self.num_heads), self._heads(self.k_proj(source), self.num_kv_heads),
+                self._heads(self.v_proj(source), self.num_kv_heads))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, fq: PitchFeatures, fk: PitchFeatures, causal: bool,
+                q_lengths: Tensor | None = None, k_lengths: Tensor | None = None) -> Tensor:
+        """The layer's attention of projected q over k, v, through out_proj: ``[B, T, dim]``."""
+        batch, _, length, _ = q.shape
         out = rope_attention(
             q, k, v, features=fq, features_k=fk, bias=self.bias, alpha=self.alpha, beta=self.beta,
-            causal=causal, q_lengths=lengths, k_lengths=k_lengths, backend=self.backend,
+            causal=causal, q_lengths=q_lengths, k_lengths=k_lengths, backend=self.backend,
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
@@ -203,9 +220,7 @@ class RopeAttention(nn.Module):
                 f"this cache holds {cache.k.shape[0]} sequences {'with' if cache.f0 is not None else 'without'} "
                 f"f0; got x for {batch} {'with' if f0 is not None else 'without'} f0"
             )
-        q = self._heads(self.q_proj(x), self.num_heads)
-        k = self._heads(self.k_proj(x), self.num_kv_heads)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        q, k, v = self._project(x, x)
         if seen:
             k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
         if f0 is not None:
@@ -213,10 +228,8 @@ class RopeAttention(nn.Module):
             if f0.shape != (batch, length):
                 raise ValueError(f"f0 must have shape [{batch}, {length}] like x's tokens, got {tuple(f0.shape)}")
             f0 = f0 if not seen else torch.cat([cache.f0, f0.to(cache.f0)], 1)
-        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-        fk = self.features(f0, batch, seen + length, None, stat, x.device)
+        fk = self.features(f0, batch, seen + length, None, feature_dtype(q.dtype), x.device)
         fq = PitchFeatures(*(f[:, seen:] for f in fk))
-        out = rope_attention(q, k, v, features=fq, features_k=fk, bias=self.bias, alpha=self.alpha, beta=self.beta,
-                             causal=causal, backend=self.backend)
+        out = self._attend(q, k, v, fq, fk, causal)
         cache.k, cache.v, cache.f0 = k, v, f0
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return out

@@ -106,17 +106,15 @@ class _FusedAttention(torch.autograd.Function):
         second_order = torch.is_grad_enabled()  # backward(create_graph=True)
         with torch.no_grad():
             grads = fused_ops(ctx.name)[1](dout.contiguous(), out, lse, *saved, *ctx.flags)
-        result = [None] * _NUM_INPUTS
         biased = ctx.flags[0] != 0
-        wanted = [index for index in _DIFFERENTIABLE.values()
-                  if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY)]  # input 0: the name
-        for grad, index in zip(grads, _DIFFERENTIABLE.values()):
-            if index in wanted:
-                result[index] = grad
+        wanted = {index: grad for grad, index in zip(grads, _DIFFERENTIABLE.values())
+                  if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY)}  # input 0: the name
+        kept = list(wanted.values())
         if second_order:
-            refused = _refuse_second_order([result[i] for i in wanted], [dout, *saved], ctx.name)
-            for index, grad in zip(wanted, refused):
-                result[index] = grad
+            kept = _refuse_second_order(kept, [dout, *saved], ctx.name)
+        result = [None] * _NUM_INPUTS
+        for index, grad in zip(wanted, kept):
+            result[index] = grad
         return (None, *result)
 
 
