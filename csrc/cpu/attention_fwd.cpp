@@ -2,10 +2,19 @@
 //
 // Parallel over (batch, head, query block of kBlockQ rows). Each task rotates its query
 // tile once (pre-multiplied by the softmax scale), then walks the key tiles that its
-// rows may see (up to Lk, and up to the causal diagonal), rotating each key tile into a
+// rows may see (up to Lk, and up to the causal diagonal), with the keys rotated into a
 // transposed buffer, adding the pitch bias on the fly and folding the tile into the
-// running max / sum / accumulator. Extra memory: per-thread tiles plus the [B, T, D/2]
+// running max / sum / accumulator. Extra memory: per-thread buffers plus the [B, T, D/2]
 // rotation tables; never [Tq, Tk].
+//
+// Two ways to have the rotated keys, with identical values:
+// - several query blocks per head (Tq > kBlockQ): a thread rotates the whole (b, hk) key
+//   sequence once and reuses it for all its query blocks and the heads of a GQA group;
+// - one query block (decoding: a few new tokens against a long cache): each key tile is
+//   rotated just before its scores, into an L1-sized buffer. Nothing would reuse a
+//   whole-sequence copy, and writing then re-reading one (Tk x D per head, beyond L2 at
+//   Tk = 4096) cost a decoding step more than its arithmetic.
+// Values are read in place when they are already rows of the accumulation type.
 #include "vrope_common.h"
 
 namespace vrope {
@@ -16,8 +25,9 @@ class ForwardTask {
  public:
   ForwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, scalar_t* out, acc_t* lse)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), out_(out), lse_(lse),
-        q_(kBlockQ * s_.Dp, acc_t(0)), kt_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)),
-        v_(round_up(s_.Tk, kBlockK) * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK, acc_t(0)),
+        per_tile_(s_.Tq <= kBlockQ), q_(kBlockQ * s_.Dp),
+        kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
+        v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
         acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
         l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
@@ -36,9 +46,10 @@ class ForwardTask {
     std::fill(out, out + rows * s_.D, scalar_t(0));
     if (valid == 0 || kend <= 0) return;
 
-    const int64_t M = round_up(valid, kRows);
-    load_queries(b, h, i0, valid, M);
-    prepare_keys(b, hk, lk);
+    const int64_t M = valid;
+    load_queries(b, h, i0, valid);
+    load_key_pitch(b, lk);
+    if (!per_tile_) rotate_sequence(b, hk, lk);
     std::fill(m_.begin(), m_.end(), neg_inf<acc_t>());
     std::fill(l_.begin(), l_.end(), acc_t(0));
     std::fill(acc_.begin(), acc_.begin() + M * s_.Dp, acc_t(0));
@@ -46,7 +57,8 @@ class ForwardTask {
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const int64_t N = round_up(nk, kPad);
-      const acc_t* kt = kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
+      const acc_t* kt = per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
+      prefetch_rows(in_.v.data_ptr<scalar_t>() + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D, nk, s_.D, s_.D);
       const KeyPitch<acc_t> keys = keys_.tile(j0);
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
       const bool tile_voiced = keys_.tile_voiced(j0);
@@ -59,9 +71,9 @@ class ForwardTask {
         mask_row(srow, key_limit(i, j0, nk, lq, lk, in_.causal), N);
         online_softmax_row(r, srow, N);
       }
-      // Padding rows of the register tile must add nothing.
-      std::fill(s_tile_.begin() + valid * kBlockK, s_tile_.begin() + M * kBlockK, acc_t(0));
-      gemm<acc_t>(M, s_.Dp, nk, s_tile_.data(), kBlockK, v_.data() + j0 * s_.Dp, s_.Dp, acc_.data(), s_.Dp, true);
+      int64_t ldv = 0;
+      const acc_t* v = value_rows(b, hk, j0, nk, ldv);
+      gemm<acc_t>(M, s_.Dp, nk, s_tile_.data(), kBlockK, v, ldv, acc_.data(), s_.Dp, true);
     }
 
     for (int64_t r = 0; r < valid; ++r) {
@@ -74,7 +86,7 @@ class ForwardTask {
   }
 
  private:
-  void load_queries(int64_t b, int64_t h, int64_t i0, int64_t valid, int64_t M) {
+  void load_queries(int64_t b, int64_t h, int64_t i0, int64_t valid) {
     const scalar_t* q = in_.q.data_ptr<scalar_t>() + ((b * s_.H + h) * s_.Tq + i0) * s_.D;
     const acc_t scale = static_cast<acc_t>(in_.scale);
     for (int64_t r = 0; r < valid; ++r) {
@@ -82,29 +94,54 @@ class ForwardTask {
       rotate_row(q + r * s_.D, sq_.cos + sq_.pair(b, i0 + r), sq_.sin + sq_.pair(b, i0 + r), sq_.radius[t], scale,
                  s_.P, q_.data() + r * s_.Dp, 1);
     }
-    std::fill(q_.begin() + valid * s_.Dp, q_.begin() + M * s_.Dp, acc_t(0));
   }
 
-  // Rotated keys of the whole (b, hk) sequence, transposed per key tile to [Dp, kBlockK]
-  // (scores = q_tile @ kt), and values [Tk, Dp] in the accumulation type. Consecutive tasks
-  // of one thread share (b, hk) (all query blocks of a head, the heads of a GQA group), so
-  // this runs once per thread and (b, hk): memory O(threads x Tk x D), identical values
-  // whichever thread computes them.
-  void prepare_keys(int64_t b, int64_t hk, int64_t lk) {
+  // Rotated keys [j0, j0 + nk) of (b, hk), transposed to [Dp, kBlockK] at kt (scores =
+  // q_tile @ kt). Columns past nk keep finite values (zeros or an earlier tile's): their
+  // scores are masked.
+  const acc_t* rotate_keys(int64_t b, int64_t hk, int64_t j0, int64_t nk, acc_t* kt) const {
+    const scalar_t* k = in_.k.data_ptr<scalar_t>() + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D;
+    rotate_rows_transposed(nk, k, s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
+                           sk_.radius + sk_.token(b, j0), s_.P, kt, kBlockK);
+    return kt;
+  }
+
+  // The whole (b, hk) key sequence rotated, tile after tile. Consecutive tasks of one thread
+  // share (b, hk) (all query blocks of a head, the heads of a GQA group), so this runs once
+  // per thread and (b, hk): memory O(threads x Tk x D), identical values whichever thread
+  // computes them.
+  void rotate_sequence(int64_t b, int64_t hk, int64_t lk) {
     const int64_t key = b * s_.Hk + hk;
-    if (key == cached_) return;
-    cached_ = key;
-    const int64_t base = key * s_.Tk * s_.D;
-    const scalar_t* k = in_.k.data_ptr<scalar_t>() + base;
-    const scalar_t* v = in_.v.data_ptr<scalar_t>() + base;
-    for (int64_t j = 0; j < lk; ++j) {
-      const int64_t t = sk_.token(b, j), kb = j / kBlockK, c = j % kBlockK;
-      rotate_row(k + j * s_.D, sk_.cos + sk_.pair(b, j), sk_.sin + sk_.pair(b, j), sk_.radius[t], acc_t(1), s_.P,
-                 kt_.data() + kb * s_.Dp * kBlockK + c, kBlockK);
-      load_row(v + j * s_.D, s_.D, v_.data() + j * s_.Dp, 1);
-    }
+    if (key == rotated_) return;
+    rotated_ = key;
+    for (int64_t j0 = 0; j0 < lk; j0 += kBlockK)
+      rotate_keys(b, hk, j0, std::min(kBlockK, lk - j0), kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK);
+  }
+
+  // The key-side bias inputs, which depend on the batch row only.
+  void load_key_pitch(int64_t b, int64_t lk) {
+    if (b == pitch_of_) return;
+    pitch_of_ = b;
     keys_.load(sk_, b, lk);
   }
+
+  // Values of keys [j0, j0 + nk) of (b, hk) as rows of Dp accumulation-type elements, ld their
+  // leading dimension: the input itself when it is that already, else a converted copy.
+  const acc_t* value_rows(int64_t b, int64_t hk, int64_t j0, int64_t nk, int64_t& ld) {
+    const scalar_t* v = in_.v.data_ptr<scalar_t>() + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (values_in_place()) {
+        ld = s_.D;
+        return v;
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) load_row(v + j * s_.D, s_.D, v_.data() + j * s_.Dp, 1);
+    ld = s_.Dp;
+    return v_.data();
+  }
+
+  // The value product reads Dp columns of each row: the input serves when D is already Dp.
+  bool values_in_place() const { return std::is_same_v<scalar_t, acc_t> && s_.D == s_.Dp; }
 
   // Folds one row of scores into the running max m, sum l and accumulator; srow becomes P.
   void online_softmax_row(int64_t r, acc_t* srow, int64_t n) {
@@ -124,12 +161,14 @@ class ForwardTask {
   const Side<acc_t>& sk_;
   scalar_t* out_;
   acc_t* lse_;
+  const bool per_tile_;  // keys rotated tile by tile (one query block per head), else per sequence
   std::vector<acc_t> q_, kt_, v_, s_tile_, acc_;
   KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys
   std::vector<acc_t> m_, l_;
   const acc_t* alpha_;
   const acc_t beta_;
-  int64_t cached_ = -1;  // (b * Hk + hk) whose keys/values kt_, v_ hold
+  int64_t rotated_ = -1;   // b * Hk + hk whose whole key sequence kt_ holds (not per tile)
+  int64_t pitch_of_ = -1;  // b whose key-side bias inputs keys_ holds
 };
 
 }  // namespace

@@ -187,36 +187,40 @@ struct Vec<double> {
 // Tile gemm: C[M, N] (+)= A[M, K] * B[K, N], B and C row-major with leading dimensions;
 // element (r, p) of A at A[r * a_row + p * a_col], so A may be read transposed in place
 // (gemm_at) instead of being copied. N must be a multiple of 2 * Vec<T>::size (callers pad
-// tiles to kPad). A register tile of R rows x 2 vectors accumulates over K in a fixed order
-// (R = 6: 12 accumulators hide the FMA latency and fit the 16 AVX2 registers with the two
-// B vectors and A broadcast).
+// tiles to kPad). A register tile of R rows x NV vectors accumulates over K in a fixed order,
+// so every element gets the same sum whatever the tiling. R = 6, NV = 2: 12 accumulators hide
+// the FMA latency and fit the 16 AVX2 registers with the B vectors and the A broadcast; fewer
+// rows take more vectors (a decoding step's single query row would otherwise wait on two
+// dependent FMA chains).
 // ---------------------------------------------------------------------------------
+template <typename T, int64_t R, int64_t NV>
+inline void gemm_tile(int64_t j, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
+                      int64_t ldc, bool accumulate) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size;
+  V c[R][NV];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t u = 0; u < NV; ++u) c[r][u] = accumulate ? V::load(C + r * ldc + j + u * W) : V::set1(T(0));
+  for (int64_t p = 0; p < K; ++p) {
+    V b[NV];
+    for (int64_t u = 0; u < NV; ++u) b[u] = V::load(B + p * ldb + j + u * W);
+    const T* a = A + p * a_col;
+    for (int64_t r = 0; r < R; ++r) {
+      const V ar = V::set1(a[r * a_row]);
+      for (int64_t u = 0; u < NV; ++u) c[r][u] = fmadd(ar, b[u], c[r][u]);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t u = 0; u < NV; ++u) c[r][u].store(C + r * ldc + j + u * W);
+}
+
 template <typename T, int64_t R>
 inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb,
                       T* C, int64_t ldc, bool accumulate) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size;
-  for (int64_t j = 0; j < N; j += 2 * W) {
-    V c[R][2];
-    for (int64_t r = 0; r < R; ++r) {
-      c[r][0] = accumulate ? V::load(C + r * ldc + j) : V::set1(T(0));
-      c[r][1] = accumulate ? V::load(C + r * ldc + j + W) : V::set1(T(0));
-    }
-    for (int64_t p = 0; p < K; ++p) {
-      const V b0 = V::load(B + p * ldb + j);
-      const V b1 = V::load(B + p * ldb + j + W);
-      const T* a = A + p * a_col;
-      for (int64_t r = 0; r < R; ++r) {
-        const V ar = V::set1(a[r * a_row]);
-        c[r][0] = fmadd(ar, b0, c[r][0]);
-        c[r][1] = fmadd(ar, b1, c[r][1]);
-      }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      c[r][0].store(C + r * ldc + j);
-      c[r][1].store(C + r * ldc + j + W);
-    }
-  }
+  constexpr int64_t W = Vec<T>::size, NV = R == 1 ? 8 : R == 2 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + NV * W <= N; j += NV * W) gemm_tile<T, R, NV>(j, K, A, a_row, a_col, B, ldb, C, ldc, accumulate);
+  for (; j < N; j += 2 * W) gemm_tile<T, R, 2>(j, K, A, a_row, a_col, B, ldb, C, ldc, accumulate);
 }
 
 template <typename T>
@@ -570,6 +574,83 @@ void rotate_row(const scalar_t* x, const acc_t* c, const acc_t* s, acc_t r, acc_
     out[m * stride] = rm * (xe * c[m] - xo * s[m]);
     out[(P + m) * stride] = rm * (xe * s[m] + xo * c[m]);
   }
+}
+
+// Asks for rows [0, n) of x (ld elements apart, width elements each) to be cached: rows
+// read in column chunks (the value product) or 8 at a time (key rotation) defeat the
+// hardware prefetcher, and a long key cache comes from memory on every call.
+template <typename T>
+inline void prefetch_rows(const T* x, int64_t n, int64_t ld, int64_t width) {
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t e = 0; e < width; e += line) __builtin_prefetch(x + i * ld + e);
+}
+
+#ifdef VROPE_AVX2
+// Transposes the 8 x 8 floats r[0..7] (row i in r[i]) in place.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));  // a0 b0 c0 d0 | a4 b4 c4 d4
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+#endif
+
+// Rotates n consecutive tokens' rows as rotate_row (unit multiplier) and stores them transposed:
+// element d (split layout) of row c goes to out[d * ld_out + c], the layout of the score tiles'
+// right operand. Row c is x + c * ld_x, its tables cos/sin + c * P, its radius radius[c].
+// float32 with AVX2 takes 8 rows at a time, transposed in registers: the same products bit for
+// bit, without rotate_row's 2P scalar stores one row of out apart (the strided stores were most
+// of the cost of a decoding step against a long cache).
+template <typename scalar_t, typename acc_t>
+void rotate_rows_transposed(int64_t n, const scalar_t* x, int64_t ld_x, const acc_t* cos, const acc_t* sin,
+                            const acc_t* radius, int64_t P, acc_t* out, int64_t ld_out) {
+  int64_t c = 0;
+#ifdef VROPE_AVX2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (; P % 8 == 0 && c + 8 <= n; c += 8) {
+      // The next block's rows: their loads otherwise wait on memory (most of this loop's time
+      // against a long key cache, which is read once per call).
+      prefetch_rows(x + (c + 8) * ld_x, std::min<int64_t>(8, n - c - 8), ld_x, 2 * P);
+      const __m256 r = _mm256_loadu_ps(radius + c);
+      for (int64_t m0 = 0; m0 < P; m0 += 8) {
+        // Rows in lanes after the transposes: pairs[h][2u] / [2u + 1] hold the even / odd
+        // element of pair m0 + 4h + u; cs[u], sn[u] the cos and sin of pair m0 + u.
+        __m256 pairs[2][8], cs[8], sn[8];
+        for (int i = 0; i < 8; ++i) {
+          const float* row = x + (c + i) * ld_x + 2 * m0;
+          pairs[0][i] = _mm256_loadu_ps(row);
+          pairs[1][i] = _mm256_loadu_ps(row + 8);
+          cs[i] = _mm256_loadu_ps(cos + (c + i) * P + m0);
+          sn[i] = _mm256_loadu_ps(sin + (c + i) * P + m0);
+        }
+        transpose8(pairs[0]);
+        transpose8(pairs[1]);
+        transpose8(cs);
+        transpose8(sn);
+        for (int u = 0; u < 8; ++u) {
+          const __m256 xe = pairs[u / 4][2 * (u % 4)], xo = pairs[u / 4][2 * (u % 4) + 1];
+          const __m256 e = _mm256_sub_ps(_mm256_mul_ps(xe, cs[u]), _mm256_mul_ps(xo, sn[u]));
+          const __m256 o = _mm256_add_ps(_mm256_mul_ps(xe, sn[u]), _mm256_mul_ps(xo, cs[u]));
+          _mm256_storeu_ps(out + (m0 + u) * ld_out + c, _mm256_mul_ps(r, e));
+          _mm256_storeu_ps(out + (P + m0 + u) * ld_out + c, _mm256_mul_ps(r, o));
+        }
+      }
+    }
+  }
+#endif
+  for (; c < n; ++c) rotate_row(x + c * ld_x, cos + c * P, sin + c * P, radius[c], acc_t(1), P, out + c, ld_out);
 }
 
 // Copies a row (natural layout) converting to the accumulation type; element c to out[c * stride].
