@@ -16,6 +16,8 @@ them without graph breaks) and one autograd formula for all.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,7 @@ _DIFFERENTIABLE = {
     "alpha": 13, "beta": 14,
 }
 _NUM_INPUTS = 20
+_NUM_TENSOR_INPUTS = 17  # the inputs before bias, causal and scale
 # Without a bias (kind 0) these do not enter the output: no gradient (None, as autograd gives an
 # unused input in the reference), not zeros that an optimiser's weight decay would act on.
 _BIAS_ONLY = frozenset(_DIFFERENTIABLE[n] for n in ("pitch_q", "pitch_k", "alpha", "beta"))
@@ -53,17 +56,21 @@ def _unpack(args):
     return q, k, v, fq, fk, alpha, beta, bias, causal, q_lengths, k_lengths, scale
 
 
+def _forward_impl(name: str, *args):
+    return backend_module(name).forward(*_unpack(args))
+
+
+def _backward_impl(name: str, dout, out, lse, *args):
+    q, k, v, fq, fk, alpha, beta, bias, causal, ql, kl, scale = _unpack(args)
+    grads = backend_module(name).backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, ql, kl, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
 def _register(name: str):
-    def fwd_impl(*args):
-        return backend_module(name).forward(*_unpack(args))
-
-    def bwd_impl(dout, out, lse, *args):
-        q, k, v, fq, fk, alpha, beta, bias, causal, ql, kl, scale = _unpack(args)
-        grads = backend_module(name).backward(dout, q, k, v, out, lse, fq, fk, alpha, beta, bias, causal, ql, kl, scale)
-        return tuple(g.contiguous() for g in grads)
-
-    fwd = torch.library.custom_op(f"echo_kernels::{name}_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
-    bwd = torch.library.custom_op(f"echo_kernels::{name}_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
+    fwd = torch.library.custom_op(
+        f"echo_kernels::{name}_fwd", functools.partial(_forward_impl, name), mutates_args=(), schema=FWD_SCHEMA)
+    bwd = torch.library.custom_op(
+        f"echo_kernels::{name}_bwd", functools.partial(_backward_impl, name), mutates_args=(), schema=BWD_SCHEMA)
 
     @fwd.register_fake
     def _fwd_fake(*args):
@@ -94,10 +101,10 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, name: str, *inputs):
-        out, lse = fused_ops(name)[0](*inputs)
+        out, lse = _run_forward(name, inputs)
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(*inputs[:17], out, lse)
-        ctx.name, ctx.flags = name, inputs[17:20]
+        ctx.save_for_backward(*inputs[:_NUM_TENSOR_INPUTS], out, lse)
+        ctx.name, ctx.flags = name, inputs[_NUM_TENSOR_INPUTS:]
         return out, lse
 
     @staticmethod
@@ -105,7 +112,8 @@ class _FusedAttention(torch.autograd.Function):
         *saved, out, lse = ctx.saved_tensors
         second_order = torch.is_grad_enabled()  # backward(create_graph=True)
         with torch.no_grad():
-            grads = fused_ops(ctx.name)[1](dout.contiguous(), out, lse, *saved, *ctx.flags)
+            args = (dout.contiguous(), out, lse, *saved, *ctx.flags)
+            grads = _backward_impl(ctx.name, *args) if _direct_call_serves(saved) else fused_ops(ctx.name)[1](*args)
         biased = ctx.flags[0] != 0
         wanted = {index: grad for grad, index in zip(grads, _DIFFERENTIABLE.values())
                   if ctx.needs_input_grad[1 + index] and (biased or index not in _BIAS_ONLY)}  # input 0: the name
@@ -134,6 +142,31 @@ def _refuse_second_order(grads: list[Tensor], inputs: list[Tensor], name: str) -
     return list(outputs[:len(grads)])
 
 
+def _direct_call_serves(tensors) -> bool:
+    """Whether the backend may be called directly instead of through its custom op: in plain eager
+    mode, on plain CPU/CUDA tensors, where nothing needs to see the op (torch.compile and the JIT
+    tracer, fake tensors and other dispatch modes, the profiler's op names, autocast's view of the
+    chunked backend's torch ops). The op's dispatch costs ~45 us a call, twice a kernel's time at
+    a decoding step's shapes."""
+    q = tensors[0]
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.autograd.profiler._is_profiler_enabled
+        or q.device.type not in ("cpu", "cuda")
+        or torch.is_autocast_enabled(q.device.type)
+        or any(type(t) is not Tensor for t in tensors)
+    )
+
+
+def _run_forward(name: str, inputs: tuple):
+    """The forward op of backend ``name`` on ``inputs`` (its schema's arguments): ``(out, lse)``."""
+    if _direct_call_serves(inputs[:_NUM_TENSOR_INPUTS]):
+        return _forward_impl(name, *inputs)
+    return fused_ops(name)[0](*inputs)
+
+
 _OPS: dict[str, tuple[object, object]] = {}
 
 
@@ -149,13 +182,16 @@ def fused_attention(
     alpha: Tensor, beta: Tensor, bias: int, causal: bool,
     q_lengths: Tensor, k_lengths: Tensor, scale: float,
 ) -> Tensor:
-    """Run backend ``name`` through its custom op; returns the output ``[B, H, Tq, D]``."""
-    out, _lse = _FusedAttention.apply(
-        name, q.contiguous(), k.contiguous(), v.contiguous(),
+    """Run backend ``name`` (through its custom op where something needs to see the op); returns
+    the output ``[B, H, Tq, D]``."""
+    inputs = (
+        q.contiguous(), k.contiguous(), v.contiguous(),
         *(t.contiguous() for t in fq), *(t.contiguous() for t in fk),
         alpha.contiguous(), beta, q_lengths, k_lengths, int(bias), bool(causal), float(scale),
     )
-    return out
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:_NUM_TENSOR_INPUTS]):
+        return _FusedAttention.apply(name, *inputs)[0]
+    return _run_forward(name, inputs)[0]  # nothing to differentiate: no autograd node
 
 
 # Registered at import: registering inside a region torch.compile is tracing fails.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,6 +41,11 @@ CASES = {
     # cases above: max|p| = 2.4, beta = 0.8) and an exp per score beyond (see also
     # test_float32_exp_bias_at_the_factor_limit).
     "exp_wide_pitch": Case(pitch_scale=10.0),
+    # At most one query block per head (Tq <= 64): key tiles rotated one at a time (8 keys at a
+    # time in registers for float32, a scalar tail), values read in place or copied (dim 6).
+    "decode_step": Case(tq=1, tk=600, dim=64, causal=True),
+    "few_queries_mqa": Case(tq=13, tk=300, kv_heads=1, bias="l1", causal=True),
+    "few_queries_odd_dim": Case(tq=5, tk=200, dim=6, theta_mode="fixed"),
 }
 
 
@@ -127,7 +134,7 @@ def test_pitch_ties(goldens):
 
 
 def test_bfloat16_flash_rule(goldens):
-    for name in ("odd_lengths", "causal", "mqa"):
+    for name in ("odd_lengths", "causal", "mqa", "decode_step"):
         case = CASES[name]
         inputs, golden = goldens(name, case)
         got = run(case, inputs, "cpu", torch.bfloat16)
@@ -293,3 +300,38 @@ def test_without_a_bias_its_parameters_get_no_gradient(backend):
         assert q.grad is not None and torch.isfinite(q.grad).all()
         for t in (q, k, v, alpha, beta, pitch):
             t.grad = None
+
+
+def test_plain_eager_calls_skip_the_custom_op_and_watched_calls_use_it(monkeypatch):
+    # In plain eager mode the kernels are called directly (the op's dispatch cost more than the
+    # kernel at a decoding step's shapes); the profiler and dispatch modes still see the ops.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from echo_kernels import ops
+
+    calls = []
+    registered = ops.fused_ops
+
+    def counting(name):
+        fwd, bwd = registered(name)
+        return (lambda *a: calls.append("fwd") or fwd(*a)), (lambda *a: calls.append("bwd") or bwd(*a))
+
+    monkeypatch.setattr(ops, "fused_ops", counting)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 9, 16, requires_grad=True) for h in (4, 2, 2))
+    f0, g = 100 + 100 * torch.rand(2, 9), torch.randn(2, 4, 9, 16)
+    watchers = {"plain": contextlib.nullcontext, "profiler": torch.autograd.profiler.profile,
+                "dispatch mode": lambda: FlopCounterMode(display=False)}
+    results = {}
+    for name, watcher in watchers.items():
+        calls.clear()
+        with watcher():
+            out = ek.rope_attention(q, k, v, f0, causal=True, backend="cpu")
+            grads = torch.autograd.grad(out, (q, k, v), g)
+            with torch.no_grad():
+                inference = ek.rope_attention(q, k, v, f0, causal=True, backend="cpu")
+        results[name] = (out, *grads, inference)
+        assert calls == ([] if name == "plain" else ["fwd", "bwd", "fwd"]), name
+    for name in ("profiler", "dispatch mode"):
+        assert all(torch.equal(a, b) for a, b in zip(results[name], results["plain"])), name
+    assert torch.equal(results["plain"][0], results["plain"][-1])
