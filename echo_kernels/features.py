@@ -212,38 +212,42 @@ def _features_from_f0(
     positions: Tensor | None,
     dtype: torch.dtype,
 ) -> PitchFeatures:
-    """``pitch_features`` on checked arguments."""
+    """``pitch_features`` on checked arguments. (Python scalars rather than ``ones_like`` /
+    ``zeros_like`` operands and shared subexpressions: at decoding shapes this function is a chain
+    of tiny ops, each costing its dispatch, not its arithmetic.)"""
     batch, length = f0.shape
     device = f0.device
     f0 = f0.to(dtype)
 
-    valid = valid_mask(lengths, batch, length, device)
-    voiced_mask = (f0 > 0) & valid
+    voiced_mask = f0 > 0
+    if lengths is not None:
+        voiced_mask = voiced_mask & valid_mask(lengths, batch, length, device)
     voiced = voiced_mask.to(dtype)
     count = voiced.sum(dim=1, keepdim=True)
-    any_voiced = count > 0
-    mu = (f0 * voiced).sum(dim=1, keepdim=True) / count.clamp(min=1)
-    var = (((f0 - mu) * voiced) ** 2).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    divisor = count.clamp(min=1)
+    mu = (f0 * voiced).sum(dim=1, keepdim=True) / divisor
+    centred = f0 - mu
+    var = ((centred * voiced) ** 2).sum(dim=1, keepdim=True) / divisor
     # The population std of fewer than two voiced frames says nothing: use 1. sqrt is only
     # taken of a positive variance: at 0 (one voiced frame, none, or a constant f0) its
     # derivative is infinite, and inf * 0 from the branch not taken would make d/df0 NaN.
-    has_spread = (count >= 2) & (var > 0)
-    spread = torch.where(has_spread, var, torch.ones_like(var)).sqrt()
-    sigma = torch.where(has_spread, spread, torch.where(count >= 2, torch.zeros_like(var), torch.ones_like(var)))
-    pitch = torch.where(voiced_mask, (f0 - mu) / (sigma + PITCH_EPS), torch.zeros_like(f0))
+    two_or_more = count >= 2
+    has_spread = two_or_more & (var > 0)
+    sigma = torch.where(has_spread, torch.where(has_spread, var, 1.0).sqrt(), torch.where(two_or_more, 0.0, 1.0))
+    pitch = torch.where(voiced_mask, centred / (sigma + PITCH_EPS), 0.0)
 
-    log_theta_fixed = torch.full_like(f0, math.log(theta))
-    # log(mu) is only defined with a voiced frame; the clamp keeps the unused branch finite.
-    log_mu = torch.where(any_voiced, mu.clamp(min=1e-30).log(), log_theta_fixed[:, :1])
+    log_theta_fixed = math.log(theta)
     if theta_mode == "fixed":
-        log_theta = log_theta_fixed
-    elif theta_mode == "f0":
-        log_f0 = torch.where(voiced_mask, f0, torch.ones_like(f0)).log()
-        log_theta = torch.where(voiced_mask, log_f0, log_mu.expand_as(f0))
-    elif theta_mode == "mean_f0":
-        log_theta = log_mu.expand_as(f0).clone()
-    else:  # "f0_offset"
+        log_theta = torch.full_like(f0, log_theta_fixed)
+    elif theta_mode == "f0_offset":
         log_theta = (f0 * voiced + theta).log()
+    else:
+        # log(mu) is only defined with a voiced frame; the clamp keeps the unused branch finite.
+        log_mu = torch.where(count > 0, mu.clamp(min=1e-30).log(), log_theta_fixed)
+        if theta_mode == "f0":
+            log_theta = torch.where(voiced_mask, torch.where(voiced_mask, f0, 1.0).log(), log_mu)
+        else:  # "mean_f0"
+            log_theta = log_mu.expand_as(f0).clone()
 
     if radius_mode == "unit":
         radius = torch.ones_like(f0)
