@@ -189,9 +189,11 @@ def side_features(
     radius_mode: str,
     dtype: torch.dtype,
     device,
+    values_checked: bool = False,
 ) -> PitchFeatures:
     """The features of one side of an attention call: from ``f0`` (errors name it ``name``),
-    or the defaults when there is no f0. ``lengths`` and the options are already checked."""
+    or the defaults when there is no f0. ``lengths`` and the options are already checked;
+    ``values_checked``: so are f0's values (each check is a host sync on GPU)."""
     if f0 is None:
         return default_features(batch, length, theta=theta, device=device, dtype=dtype)
     if isinstance(f0, Tensor):  # shape and device first: value checks would run on the wrong device
@@ -199,7 +201,8 @@ def side_features(
             raise ValueError(f"{name} must have shape [{batch}, {length}], got {tuple(f0.shape)}")
         if f0.device != device:
             raise ValueError(f"{name} must be on {device} like the attention inputs, got {f0.device}")
-    check_f0(f0, name)
+    if not values_checked:
+        check_f0(f0, name)
     return _features_from_f0(f0, lengths, theta, theta_mode, radius_mode, None, dtype)
 
 

@@ -125,12 +125,13 @@ class RopeAttention(nn.Module):
         return F.softplus(self.beta_raw)
 
     def features(
-        self, f0: Tensor | None, batch: int, length: int, lengths: Tensor | None, dtype, device, name: str = "f0"
+        self, f0: Tensor | None, batch: int, length: int, lengths: Tensor | None, dtype, device, name: str = "f0",
+        values_checked: bool = False,
     ) -> PitchFeatures:
         """The per-token features this layer uses for one side (f0 named ``name`` in errors), offset applied."""
         feats = side_features(
             f0, batch, length, lengths=lengths, name=name, theta=self.theta, theta_mode=self.theta_mode,
-            radius_mode=self.radius_mode, dtype=dtype, device=device,
+            radius_mode=self.radius_mode, dtype=dtype, device=device, values_checked=values_checked,
         )
         if not self.rotary:
             feats = feats._replace(pos=torch.zeros_like(feats.pos))
@@ -228,7 +229,8 @@ class RopeAttention(nn.Module):
             if f0.shape != (batch, length):
                 raise ValueError(f"f0 must have shape [{batch}, {length}] like x's tokens, got {tuple(f0.shape)}")
             f0 = f0 if not seen else torch.cat([cache.f0, f0.to(cache.f0)], 1)
-        fk = self.features(f0, batch, seen + length, None, feature_dtype(q.dtype), x.device)
+        # The cached f0 was checked when its tokens were new: only the new tokens' values are read.
+        fk = self.features(f0, batch, seen + length, None, feature_dtype(q.dtype), x.device, values_checked=True)
         fq = PitchFeatures(*(f[:, seen:] for f in fk))
         out = self._attend(q, k, v, fq, fk, causal)
         cache.k, cache.v, cache.f0 = k, v, f0

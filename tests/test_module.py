@@ -128,3 +128,23 @@ def test_cache_misuse_is_named():
         ek.RopeAttention(16, 2, cross=True)(x, context=x, cache=cache)
     with pytest.raises(TypeError, match="cache must come from RopeAttention.new_cache"):
         layer(x, f0, cache={"k": None})
+
+
+def test_a_cached_step_reads_only_the_new_tokens_f0(monkeypatch):
+    # The cached f0 was checked when its tokens were new; a step reads (a host sync on GPU) the
+    # new tokens' values once.
+    torch.manual_seed(0)
+    layer, cache = ek.RopeAttention(16, 2), ek.RopeAttention(16, 2).new_cache()
+    x, f0 = torch.randn(2, 5, 16), 100 + 100 * torch.rand(2, 5)
+    layer(x[:, :4], f0[:, :4], causal=True, cache=cache)
+    checked = []
+    original = ek.features.check_f0
+
+    def counted(t, name="f0"):
+        checked.append(t.shape[1])
+        return original(t, name)
+
+    monkeypatch.setattr(ek.features, "check_f0", counted)
+    monkeypatch.setattr(ek.modules, "check_f0", counted)
+    layer(x[:, 4:], f0[:, 4:], causal=True, cache=cache)
+    assert checked == [1]
