@@ -201,20 +201,27 @@ def test_backward_is_bitwise_repeatable():
         assert torch.equal(first[n], second[n]), n
 
 
-def test_thread_count_does_not_change_results():
-    case = Case(batch=2, heads=4, kv_heads=2, tq=150, tk=200, dim=64)
+@pytest.mark.parametrize("case", [
+    Case(batch=2, heads=4, kv_heads=2, tq=150, tk=200, dim=64),
+    # A few queries: the forward packs 8, 4 and 2 heads of the MQA group per task for 1, 2 and
+    # 4 threads (so that each thread has a task).
+    Case(batch=1, heads=8, kv_heads=1, tq=2, tk=300, dim=64, causal=True),
+], ids=["blocks", "packed_heads"])
+def test_thread_count_does_not_change_results(case):
     inputs = make_case(case, torch.float32)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = _grads_of(case, inputs, torch.float32)
-        torch.set_num_threads(2)
-        two = _grads_of(case, inputs, torch.float32)
+        results = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(_grads_of(case, inputs, torch.float32))
     finally:
         torch.set_num_threads(before)
+    one = results[0]
     assert set(one) == {"out", *GRAD_NAMES}
-    for n in one:
-        assert torch.equal(one[n], two[n]), n
+    for other in results[1:]:
+        for n in one:
+            assert torch.equal(one[n], other[n]), n
 
 
 @pytest.mark.parametrize(
@@ -225,6 +232,7 @@ def test_thread_count_does_not_change_results():
         ("causal_tq_gt_tk", torch.float32),
         ("no_bias", torch.float32),  # the bias partials are written as zeros too
         ("mqa", torch.bfloat16),  # the exact-delta path of low-precision inputs
+        ("few_queries_mqa", torch.float32),  # a task's rows from several heads
     ],
 )
 def test_poisoned_outputs_are_all_written(name, dtype, monkeypatch):

@@ -1,6 +1,7 @@
 // Fused vRoPE attention forward on CPU: flash-style online softmax over key tiles.
 //
-// Parallel over (batch, head, query block of kBlockQ rows). Each task rotates its query
+// Parallel over (batch, query head, query block of kBlockQ rows); with a single query block,
+// over (batch, a few query heads of one GQA group) (heads_per_task). Each task rotates its query
 // tile once (pre-multiplied by the softmax scale), then walks the key tiles that its
 // rows may see (up to Lk, and up to the causal diagonal), with the keys rotated into a
 // transposed buffer, adding the pitch bias on the fly and folding the tile into the
@@ -11,43 +12,64 @@
 // - several query blocks per head (Tq > kBlockQ): a thread rotates the whole (b, hk) key
 //   sequence once and reuses it for all its query blocks and the heads of a GQA group;
 // - one query block (decoding: a few new tokens against a long cache): each key tile is
-//   rotated just before its scores, into an L1-sized buffer. Nothing would reuse a
-//   whole-sequence copy, and writing then re-reading one (Tk x D per head, beyond L2 at
-//   Tk = 4096) cost a decoding step more than its arithmetic.
+//   rotated just before its scores, into an L1-sized buffer, and serves all the task's heads.
+//   Nothing would reuse a whole-sequence copy, and writing then re-reading one (Tk x D per
+//   head, beyond L2 at Tk = 4096) cost a decoding step more than its arithmetic.
 // Values are read in place when they are already rows of the accumulation type.
 #include "vrope_common.h"
 
 namespace vrope {
 namespace {
 
+// Query heads of one GQA group a task takes together. With one query block per head (a few
+// queries, as when decoding) the group's heads share every rotated key tile, so up to kBlockQ
+// of their rows go through one pass over the keys (rotated once instead of once per head, in
+// taller register tiles); no more heads than leave every thread a task. Each row's arithmetic
+// is the same whatever the packing: results do not depend on it, or on the thread count.
+int64_t heads_per_task(const Shape& s) {
+  if (s.Tq == 0 || s.Tq > kBlockQ) return 1;
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::clamp<int64_t>(std::min({s.G, kBlockQ / s.Tq, ceil_div(s.B * s.H, threads)}), 1, s.G);
+}
+
 template <typename scalar_t, typename acc_t>
 class ForwardTask {
  public:
-  ForwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, scalar_t* out, acc_t* lse)
-      : in_(in), s_(in.shape), sq_(sq), sk_(sk), out_(out), lse_(lse),
+  ForwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, int64_t heads_per_task, scalar_t* out,
+              acc_t* lse)
+      : in_(in), s_(in.shape), sq_(sq), sk_(sk), hpt_(heads_per_task), out_(out), lse_(lse),
         per_tile_(s_.Tq <= kBlockQ), q_(kBlockQ * s_.Dp),
         kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
         v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
         acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
         l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
+  // Tasks: (batch, heads_per_task query heads of one key/value head, query block), the query
+  // block fastest, so that consecutive tasks share (b, hk).
+  static int64_t count(const Shape& s, int64_t heads_per_task) {
+    return s.B * s.Hk * ceil_div(s.G, heads_per_task) * ceil_div(s.Tq, kBlockQ);
+  }
+
   void run(int64_t task) {
-    const int64_t n_qb = ceil_div(s_.Tq, kBlockQ);
-    const int64_t qb = task % n_qb, h = (task / n_qb) % s_.H, b = task / (n_qb * s_.H);
-    const int64_t hk = h / s_.G, i0 = qb * kBlockQ;
+    const int64_t n_qb = ceil_div(s_.Tq, kBlockQ), per_group = ceil_div(s_.G, hpt_);
+    const int64_t qb = task % n_qb, chunk = (task / n_qb) % (s_.Hk * per_group);
+    const int64_t b = task / (n_qb * s_.Hk * per_group), hk = chunk / per_group;
+    const int64_t h0 = hk * s_.G + (chunk % per_group) * hpt_, heads = std::min(hpt_, (hk + 1) * s_.G - h0);
+    const int64_t i0 = qb * kBlockQ;
     const int64_t rows = std::min(kBlockQ, s_.Tq - i0);
     const int64_t lq = in_.lq[b], lk = in_.lk[b];
     const int64_t valid = std::clamp<int64_t>(lq - i0, 0, rows);
     // Keys past the last valid row's causal limit are never seen by this block.
     const int64_t kend = in_.causal ? std::min(lk, i0 + valid + lk - lq) : lk;
-    scalar_t* out = out_ + ((b * s_.H + h) * s_.Tq + i0) * s_.D;
-    acc_t* lse = lse_ + (b * s_.H + h) * s_.Tq + i0;
-    for (int64_t r = 0; r < rows; ++r) lse[r] = neg_inf<acc_t>();
-    std::fill(out, out + rows * s_.D, scalar_t(0));
+    for (int64_t h = h0; h < h0 + heads; ++h) {
+      std::fill_n(lse_ + (b * s_.H + h) * s_.Tq + i0, rows, neg_inf<acc_t>());
+      std::fill_n(out_ + ((b * s_.H + h) * s_.Tq + i0) * s_.D, rows * s_.D, scalar_t(0));
+    }
     if (valid == 0 || kend <= 0) return;
 
-    const int64_t M = valid;
-    load_queries(b, h, i0, valid);
+    // Register-tile row r is query i0 + r % valid of head h0 + r / valid.
+    const int64_t M = heads * valid;
+    for (int64_t h = h0; h < h0 + heads; ++h) load_queries(b, h, i0, valid, (h - h0) * valid);
     load_key_pitch(b, lk);
     if (!per_tile_) rotate_sequence(b, hk, lk);
     std::fill(m_.begin(), m_.end(), neg_inf<acc_t>());
@@ -63,8 +85,8 @@ class ForwardTask {
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
       const bool tile_voiced = keys_.tile_voiced(j0);
       gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
-      for (int64_t r = 0; r < valid; ++r) {
-        const int64_t i = i0 + r;
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t h = h0 + r / valid, i = i0 + r % valid;
         acc_t* srow = s_tile_.data() + r * kBlockK;
         const BiasRow<acc_t> br = make_bias_row(in_.bias, alpha_[h], beta_, sq_, sq_.token(b, i));
         if (br.active() && tile_voiced) add_bias_row(br, keys, N, srow);
@@ -76,23 +98,25 @@ class ForwardTask {
       gemm<acc_t>(M, s_.Dp, nk, s_tile_.data(), kBlockK, v, ldv, acc_.data(), s_.Dp, true);
     }
 
-    for (int64_t r = 0; r < valid; ++r) {
+    for (int64_t r = 0; r < M; ++r) {
       if (!(l_[r] > acc_t(0))) continue;  // no allowed key: output 0, lse -inf
+      const int64_t row = (b * s_.H + h0 + r / valid) * s_.Tq + i0 + r % valid;
       const acc_t inv = acc_t(1) / l_[r];
       const acc_t* a = acc_.data() + r * s_.Dp;
-      for (int64_t d = 0; d < s_.D; ++d) out[r * s_.D + d] = static_cast<scalar_t>(a[d] * inv);
-      lse[r] = m_[r] + std::log(l_[r]);
+      for (int64_t d = 0; d < s_.D; ++d) out_[row * s_.D + d] = static_cast<scalar_t>(a[d] * inv);
+      lse_[row] = m_[r] + std::log(l_[r]);
     }
   }
 
  private:
-  void load_queries(int64_t b, int64_t h, int64_t i0, int64_t valid) {
+  // Queries [i0, i0 + valid) of head h, rotated and scaled, into register-tile rows from row0.
+  void load_queries(int64_t b, int64_t h, int64_t i0, int64_t valid, int64_t row0) {
     const scalar_t* q = in_.q.data_ptr<scalar_t>() + ((b * s_.H + h) * s_.Tq + i0) * s_.D;
     const acc_t scale = static_cast<acc_t>(in_.scale);
     for (int64_t r = 0; r < valid; ++r) {
       const int64_t t = sq_.token(b, i0 + r);
       rotate_row(q + r * s_.D, sq_.cos + sq_.pair(b, i0 + r), sq_.sin + sq_.pair(b, i0 + r), sq_.radius[t], scale,
-                 s_.P, q_.data() + r * s_.Dp, 1);
+                 s_.P, q_.data() + (row0 + r) * s_.Dp, 1);
     }
   }
 
@@ -159,6 +183,7 @@ class ForwardTask {
   const Shape s_;
   const Side<acc_t>& sq_;
   const Side<acc_t>& sk_;
+  const int64_t hpt_;  // query heads per task
   scalar_t* out_;
   acc_t* lse_;
   const bool per_tile_;  // keys rotated tile by tile (one query block per head), else per sequence
@@ -188,9 +213,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const Side<acc_t> sk = make_side<acc_t>(in.fk, s.B, s.Tk, s.D, in.beta_factors);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    const int64_t tasks = s.B * s.H * ceil_div(s.Tq, kBlockQ);
-    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-      ForwardTask<scalar_t, acc_t> task(in, sq, sk, out_ptr, lse_ptr);
+    const int64_t heads = heads_per_task(s);
+    at::parallel_for(0, ForwardTask<scalar_t, acc_t>::count(s, heads), 1, [&](int64_t lo, int64_t hi) {
+      ForwardTask<scalar_t, acc_t> task(in, sq, sk, heads, out_ptr, lse_ptr);
       for (int64_t t = lo; t < hi; ++t) task.run(t);
     });
   });
