@@ -235,17 +235,23 @@ def project_kv(attn: RopeAttention, source: Tensor) -> tuple[Tensor, Tensor]:
     return _heads(attn.k_proj(source), attn.num_kv_heads), _heads(attn.v_proj(source), attn.num_kv_heads)
 
 
+def project_q(attn: RopeAttention, x: Tensor) -> Tensor:
+    """Queries ``[B, H, T, D]`` of ``x [B, T, d]`` with ``attn``'s projection."""
+    return _heads(attn.q_proj(x), attn.num_heads)
+
+
 def attend(
-    attn: RopeAttention, x: Tensor, k: Tensor, v: Tensor, fq: PitchFeatures, fk: PitchFeatures, *,
+    attn: RopeAttention, q: Tensor, k: Tensor, v: Tensor, fq: PitchFeatures, fk: PitchFeatures, *,
     causal: bool, q_lengths: Tensor | None = None, k_lengths: Tensor | None = None,
 ) -> Tensor:
-    """``attn``'s attention of queries from ``x [B, Tq, d]`` over given keys/values: ``[B, Tq, d]``.
+    """``attn``'s attention of queries ``q`` (:func:`project_q`) over given keys/values, through its
+    output projection: ``[B, Tq, d]``.
 
-    Same computation as ``RopeAttention.forward`` but with caller-supplied k/v and features, which
-    the decoder needs for its key/value cache and its prefix-consistent token features.
+    Same computation as ``RopeAttention.forward`` but with caller-supplied q/k/v and features, which
+    the decoder needs for its key/value cache, its prefix-consistent token features and the queries
+    it also reads the cross-attention weights with.
     """
-    batch, length, _ = x.shape
-    q = _heads(attn.q_proj(x), attn.num_heads)
+    batch, _, length, _ = q.shape
     if _is_plain(attn, fq, fk):
         return attn.out_proj(_plain_attention(q, k, v, q_lengths, k_lengths).reshape(batch, length, -1))
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -593,15 +599,15 @@ class Echo(nn.Module):
         for n, block in enumerate(self.decoder):
             h = block.norm1(x)
             k, v = project_kv(block.self_attn, h)
-            x = x + block.drop(attend(block.self_attn, h, k, v, base, base, causal=True,
+            x = x + block.drop(attend(block.self_attn, project_q(block.self_attn, h), k, v, base, base, causal=True,
                                       q_lengths=token_lengths, k_lengths=token_lengths))
-            h = block.norm2(x)
+            q = project_q(block.cross_attn, block.norm2(x))
             k, v = cross_kv[n]
             if (return_cross or weights_only) and n == len(self.decoder) - 1:
-                cross = self._cross_weights(block, h, k, cq, ck, enc.lengths)
+                cross = self._cross_weights(block, q, k, cq, ck, enc.lengths)
                 if weights_only:
                     return None, cross
-            x = x + block.drop(attend(block.cross_attn, h, k, v, cq, ck, causal=False,
+            x = x + block.drop(attend(block.cross_attn, q, k, v, cq, ck, causal=False,
                                       q_lengths=token_lengths, k_lengths=enc.lengths))
             x = x + block.drop(block.mlp(block.norm3(x)))
         return self.dec_norm(x) @ self.embed.weight.t(), cross
@@ -610,12 +616,12 @@ class Echo(nn.Module):
         """Each decoder layer's cross-attention keys and values ``[B, Hk, T', D]`` of ``enc.states``."""
         return [project_kv(block.cross_attn, enc.states) for block in self.decoder]
 
-    def _cross_weights(self, block: DecoderBlock, h: Tensor, k: Tensor, cq: PitchFeatures, ck: PitchFeatures,
+    def _cross_weights(self, block: DecoderBlock, q: Tensor, k: Tensor, cq: PitchFeatures, ck: PitchFeatures,
                        enc_lengths: Tensor, k_rotated: Tensor | None = None) -> Tensor:
-        """Head-mean cross-attention weights ``[B, U, T']`` of the last decoder ``block``; ``k_rotated``:
-        :meth:`_cross_weight_keys` when decoding keeps it."""
+        """Head-mean cross-attention weights ``[B, U, T']`` of the last decoder ``block`` for its
+        cross-attention queries ``q`` (:func:`project_q`); ``k_rotated``: :meth:`_cross_weight_keys`
+        when decoding keeps it."""
         attn = block.cross_attn
-        q = _heads(attn.q_proj(h), attn.num_heads)
         w = dense_attention_weights(attn, q.float(), k.float(), layer_features(attn, cq, torch.float32),
                                     layer_features(attn, ck, torch.float32), k_lengths=enc_lengths,
                                     k_rotated=k_rotated)
@@ -662,12 +668,12 @@ class Echo(nn.Module):
                 v = torch.cat([cache["self_v"][n], v], 2)
             cache["self_k"][n], cache["self_v"][n] = k, v
             # Tq = 1 against Tk = t + 1 keys: the bottom-right causal alignment allows every cached key.
-            x = x + attend(block.self_attn, h, k, v, new, feats, causal=True)
-            h = block.norm2(x)
+            x = x + attend(block.self_attn, project_q(block.self_attn, h), k, v, new, feats, causal=True)
+            q = project_q(block.cross_attn, block.norm2(x))
             ck_, cv_ = cache["cross"][n]
-            x = x + attend(block.cross_attn, h, ck_, cv_, cq, ck, causal=False, k_lengths=enc.lengths)
+            x = x + attend(block.cross_attn, q, ck_, cv_, cq, ck, causal=False, k_lengths=enc.lengths)
             if n == len(self.decoder) - 1:
-                cross_w = self._cross_weights(block, h, ck_, cq, ck, enc.lengths, cache["cross_weight_keys"])[:, 0]
+                cross_w = self._cross_weights(block, q, ck_, cq, ck, enc.lengths, cache["cross_weight_keys"])[:, 0]
             x = x + block.mlp(block.norm3(x))
         cache["feats"], cache["t"] = feats, t + 1
         return (self.dec_norm(x) @ self.embed.weight.t())[:, 0], cross_w

@@ -290,7 +290,7 @@ def test_unknown_config_key_raises():
 
 def test_plain_cross_attention_fast_path_matches_rope_attention():
     """Cross-attention goes through SDPA (no rotation/radius/bias); it must equal the kernel's result."""
-    from echo.model import attend, plain_features, project_kv
+    from echo.model import attend, plain_features, project_kv, project_q
 
     m = _model(n_kv_heads=2)
     attn = m.decoder[0].cross_attn
@@ -299,7 +299,7 @@ def test_plain_cross_attention_fast_path_matches_rope_attention():
     with torch.no_grad():
         ref = attn(x, context=ctx, lengths=ql, context_lengths=kl)
         k, v = project_kv(attn, ctx)
-        fast = attend(attn, x, k, v, plain_features(2, 5, 1e4, x.device), plain_features(2, 9, 1e4, x.device),
+        fast = attend(attn, project_q(attn, x), k, v, plain_features(2, 5, 1e4, x.device), plain_features(2, 9, 1e4, x.device),
                       causal=False, q_lengths=ql, k_lengths=kl)
     torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast[1, :3], ref[1, :3], atol=1e-5, rtol=1e-4)
