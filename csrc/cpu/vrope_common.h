@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 // SLEEF's vector exp/sin/cos (1 ulp), which libtorch_cpu exports and torch's own CPU kernels use.
 #include <sleef.h>
@@ -607,31 +607,46 @@ inline void transpose8(__m256 r[8]) {
 }
 #endif
 
+#ifdef VROPE_AVX2
+// 8 consecutive elements as floats (exact for every input type the kernels take).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  // A bfloat16 is the high half of the float with the same bits.
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
 // Rotates n consecutive tokens' rows as rotate_row (unit multiplier) and stores them transposed:
 // element d (split layout) of row c goes to out[d * ld_out + c], the layout of the score tiles'
 // right operand. Row c is x + c * ld_x, its tables cos/sin + c * P, its radius radius[c].
-// float32 with AVX2 takes 8 rows at a time, transposed in registers: the same products bit for
-// bit, without rotate_row's 2P scalar stores one row of out apart (the strided stores were most
-// of the cost of a decoding step against a long cache).
+// With AVX2 and float accumulation (float32, bfloat16 and float16 inputs) it takes 8 rows at a
+// time, transposed in registers: the same products bit for bit, without rotate_row's 2P scalar
+// stores one row of out apart (the strided stores were most of the cost of a decoding step
+// against a long cache).
 template <typename scalar_t, typename acc_t>
 void rotate_rows_transposed(int64_t n, const scalar_t* x, int64_t ld_x, const acc_t* cos, const acc_t* sin,
                             const acc_t* radius, int64_t P, acc_t* out, int64_t ld_out) {
   int64_t c = 0;
 #ifdef VROPE_AVX2
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<acc_t, float>) {
     for (; P % 8 == 0 && c + 8 <= n; c += 8) {
       // The next block's rows: their loads otherwise wait on memory (most of this loop's time
       // against a long key cache, which is read once per call).
-      prefetch_rows(x + (c + 8) * ld_x, std::min<int64_t>(8, n - c - 8), ld_x, 2 * P);
+      const int64_t ahead = std::min<int64_t>(8, n - c - 8);
+      if (ahead > 0) prefetch_rows(x + (c + 8) * ld_x, ahead, ld_x, 2 * P);
       const __m256 r = _mm256_loadu_ps(radius + c);
       for (int64_t m0 = 0; m0 < P; m0 += 8) {
         // Rows in lanes after the transposes: pairs[h][2u] / [2u + 1] hold the even / odd
         // element of pair m0 + 4h + u; cs[u], sn[u] the cos and sin of pair m0 + u.
         __m256 pairs[2][8], cs[8], sn[8];
         for (int i = 0; i < 8; ++i) {
-          const float* row = x + (c + i) * ld_x + 2 * m0;
-          pairs[0][i] = _mm256_loadu_ps(row);
-          pairs[1][i] = _mm256_loadu_ps(row + 8);
+          const scalar_t* row = x + (c + i) * ld_x + 2 * m0;
+          pairs[0][i] = load8(row);
+          pairs[1][i] = load8(row + 8);
           cs[i] = _mm256_loadu_ps(cos + (c + i) * P + m0);
           sn[i] = _mm256_loadu_ps(sin + (c + i) * P + m0);
         }
