@@ -71,7 +71,7 @@ def choose_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, bias: int, c
     """Resolve ``requested`` to a backend name, raising if an explicit choice cannot serve."""
     if requested == "reference":
         return requested
-    transformed = _functorch_reason()
+    transformed = _transform_reason()
     if requested == "auto" and transformed is not None:
         return "reference"
     if requested != "auto":
@@ -86,12 +86,16 @@ def choose_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, bias: int, c
     return "chunked"
 
 
-def _functorch_reason() -> str | None:
-    """Why no backend but the reference serves inside ``torch.func`` transforms, or None outside them.
+def _transform_reason() -> str | None:
+    """Why no backend but the reference serves inside ``torch.func`` transforms or forward-mode AD
+    (the fused kernels have no forward-mode formula: called directly they would drop the tangents),
+    or None outside them.
 
     The fused backends' autograd has no batching rule and no second order: under grad or vmap it
     fails inside torch.library, and under nested grads it would drop a term without a word.
     """
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "inside forward-mode AD (torch.autograd.forward_ad.dual_level) only backend='reference' runs"
     if not torch._C._are_functorch_transforms_active():  # under torch.compile too: compiled transforms
         return None
     return "inside torch.func transforms (grad, vmap, jacrev, ...) only backend='reference' runs"

@@ -225,10 +225,12 @@ class RopeAttention(nn.Module):
         if seen:
             k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
         if f0 is not None:
+            if seen and isinstance(f0, Tensor) and f0.is_floating_point():
+                f0 = f0.to(cache.f0)  # checked in the dtype it joins the cache in (float16 overflows sooner)
             check_f0(f0)
             if f0.shape != (batch, length):
                 raise ValueError(f"f0 must have shape [{batch}, {length}] like x's tokens, got {tuple(f0.shape)}")
-            f0 = f0 if not seen else torch.cat([cache.f0, f0.to(cache.f0)], 1)
+            f0 = f0 if not seen else torch.cat([cache.f0, f0], 1)
         # The cached f0 was checked when its tokens were new: only the new tokens' values are read.
         fk = self.features(f0, batch, seen + length, None, feature_dtype(q.dtype), x.device, values_checked=True)
         fq = PitchFeatures(*(f[:, seen:] for f in fk))

@@ -145,14 +145,15 @@ def _refuse_second_order(grads: list[Tensor], inputs: list[Tensor], name: str) -
 def _direct_call_serves(tensors) -> bool:
     """Whether the backend may be called directly instead of through its custom op: in plain eager
     mode, on plain CPU/CUDA tensors, where nothing needs to see the op (torch.compile and the JIT
-    tracer, fake tensors and other dispatch modes, the profiler's op names, autocast's view of the
-    chunked backend's torch ops). The op's dispatch costs ~45 us a call, twice a kernel's time at
+    tracer, fake tensors and other dispatch and function modes, the profiler's op names, autocast's
+    view of the chunked backend's torch ops). The op's dispatch costs ~45 us a call, twice a kernel's time at
     a decoding step's shapes."""
     q = tensors[0]
     return not (
         torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
         or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
         or torch.autograd.profiler._is_profiler_enabled
         or q.device.type not in ("cpu", "cuda")
         or torch.is_autocast_enabled(q.device.type)

@@ -148,3 +148,8 @@ def test_a_cached_step_reads_only_the_new_tokens_f0(monkeypatch):
     monkeypatch.setattr(ek.modules, "check_f0", counted)
     layer(x[:, 4:], f0[:, 4:], causal=True, cache=cache)
     assert checked == [1]
+    # Checked in the cache's dtype: 70000 Hz fits float32 but is inf in a float16 cache.
+    half = ek.RopeAttention(16, 2).new_cache()
+    layer(x[:, :1], f0[:, :1].half(), causal=True, cache=half)
+    with pytest.raises(ValueError, match="f0 must be finite"):
+        layer(x[:, 1:2], torch.full((2, 1), 7e4), causal=True, cache=half)

@@ -217,6 +217,25 @@ def test_torch_func_transforms_run_the_reference():
         torch.testing.assert_close(out, ek.rope_attention(q, k, v, f, f0_k=f0s[0, :, :1].expand(2, 6)))
 
 
+def test_forward_mode_ad_runs_the_reference():
+    # The fused kernels have no forward-mode formula (called directly they would drop the
+    # tangent): inside a dual level "auto" takes the reference, a named fused backend is refused.
+    import torch.autograd.forward_ad as fwad
+
+    q, k, v = (t.double() for t in qkv())
+    f0, tangent = 100 + 100 * torch.rand(2, 5, dtype=torch.float64), torch.randn_like(q)
+    tangents = {}
+    with fwad.dual_level():
+        for backend in ("auto", "reference"):
+            out = ek.rope_attention(fwad.make_dual(q, tangent), k, v, f0, backend=backend)
+            tangents[backend] = fwad.unpack_dual(out).tangent
+        for backend in ("chunked", "cpu"):
+            with pytest.raises(NotImplementedError, match=f"backend='{backend}' cannot run.*forward-mode AD"):
+                ek.rope_attention(fwad.make_dual(q, tangent), k, v, f0, backend=backend)
+    assert tangents["auto"] is not None and torch.equal(tangents["auto"], tangents["reference"])
+    assert ek.rope_attention(q, k, v, f0).requires_grad is False  # outside it, the fused default again
+
+
 def test_self_attention_reads_lengths_and_f0_once(monkeypatch):
     # Every value check reads the tensor on the host (a sync on GPU); self-attention given one
     # lengths tensor and one f0 checks each once, with the same result as two equal tensors.

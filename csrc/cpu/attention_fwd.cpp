@@ -27,7 +27,7 @@ namespace {
 // taller register tiles); no more heads than leave every thread a task. Each row's arithmetic
 // is the same whatever the packing: results do not depend on it, or on the thread count.
 int64_t heads_per_task(const Shape& s) {
-  if (s.Tq == 0 || s.Tq > kBlockQ) return 1;
+  if (s.Tq == 0 || s.Tq > kBlockQ || s.G <= 1) return 1;
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
   return std::clamp<int64_t>(std::min({s.G, kBlockQ / s.Tq, ceil_div(s.B * s.H, threads)}), 1, s.G);
 }
