@@ -33,7 +33,8 @@ class Shape:
     @property
     def label(self) -> str:
         causal = "causal" if self.causal else "full"
-        return f"{self.name}-B{self.batch}H{self.heads}D{self.dim}-{self.tq}x{self.tk}-{causal}"
+        kv = f"Hk{self.kv_heads}" if self.kv_heads != self.heads else ""
+        return f"{self.name}-B{self.batch}H{self.heads}{kv}D{self.dim}-{self.tq}x{self.tk}-{causal}"
 
     def forward_flops(self) -> float:
         """4 * B * H * Tq * Tk * D, halved for causal (the convention of FlashAttention's papers)."""
@@ -45,7 +46,8 @@ def shapes() -> list[Shape]:
     """Speech shapes (encoder, decoder, cross) and a sweep; small ones in smoke mode."""
     gpu = device() == "cuda"
     # "step": one decoding step, a new token against the cached keys (no mask needed: it may see
-    # them all; SDPA's is_causal would align it with the first key instead).
+    # them all; SDPA's is_causal would align it with the first key instead); "step_gqa" the same
+    # with 4 query heads per key/value head.
     if not full_mode():
         return [Shape("encoder", 1, 4, 4, 150, 150, 64, False), Shape("decoder", 1, 4, 4, 64, 64, 64, True),
                 Shape("cross", 1, 4, 4, 48, 150, 64, False), Shape("step", 1, 4, 4, 1, 150, 64, False)]
@@ -58,6 +60,8 @@ def shapes() -> list[Shape]:
         result += [Shape("encoder", b, h, h, t, t, d, False) for t in (1500, 3000)]
         result += [Shape("decoder", b, h, h, 448, 448, d, True), Shape("cross", b, h, h, 448, 1500, d, False)]
         result += [Shape("step", b, h, h, 1, t, d, False) for t in (448, 4096)]
+        # GQA (4 query heads per key/value head), where a kernel can rotate each key tile once per group.
+        result += [Shape("step_gqa", b, h, h // 4, 1, 4096, d, False)]
     return result
 
 
