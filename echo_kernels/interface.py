@@ -81,7 +81,9 @@ def _check_features(feats: PitchFeatures, batch: int, length: int, name: str, dt
         if t.device != device:
             raise ValueError(f"{name}.{field} must be on {device} like q, got {t.device}")
     # The contract gives pos and voiced no gradient; detached, every backend agrees on that.
-    return feats._replace(pos=feats.pos.detach(), voiced=feats.voiced.detach())
+    if feats.pos.requires_grad or feats.voiced.requires_grad:
+        return feats._replace(pos=feats.pos.detach(), voiced=feats.voiced.detach())
+    return feats
 
 
 def _resolve_lengths(lengths: Tensor | None, batch: int, length: int, name: str, device) -> Tensor:
