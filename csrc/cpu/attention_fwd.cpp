@@ -42,7 +42,8 @@ class ForwardTask {
         kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
         v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
         acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
-        l_(kBlockQ), alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
+        l_(kBlockQ), k_data_(in.k.data_ptr<scalar_t>()), v_data_(in.v.data_ptr<scalar_t>()),
+        alpha_(in.alpha.data_ptr<acc_t>()), beta_(static_cast<acc_t>(in.beta_value)) {}
 
   // Tasks: (batch, heads_per_task query heads of one key/value head, query block), the query
   // block fastest, so that consecutive tasks share (b, hk).
@@ -80,7 +81,8 @@ class ForwardTask {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const int64_t N = round_up(nk, kPad);
       const acc_t* kt = per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
-      prefetch_rows(in_.v.data_ptr<scalar_t>() + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D, nk, s_.D, s_.D);
+      const scalar_t* v_tile = key_rows(v_data_, b, hk, j0);
+      prefetch_rows(v_tile, nk, s_.D, s_.D);
       const KeyPitch<acc_t> keys = keys_.tile(j0);
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
       const bool tile_voiced = keys_.tile_voiced(j0);
@@ -94,7 +96,7 @@ class ForwardTask {
         online_softmax_row(r, srow, N);
       }
       int64_t ldv = 0;
-      const acc_t* v = value_rows(b, hk, j0, nk, ldv);
+      const acc_t* v = value_rows(v_tile, nk, ldv);
       gemm<acc_t>(M, s_.Dp, nk, s_tile_.data(), kBlockK, v, ldv, acc_.data(), s_.Dp, true);
     }
 
@@ -124,8 +126,7 @@ class ForwardTask {
   // q_tile @ kt). Columns past nk keep finite values (zeros or an earlier tile's): their
   // scores are masked.
   const acc_t* rotate_keys(int64_t b, int64_t hk, int64_t j0, int64_t nk, acc_t* kt) const {
-    const scalar_t* k = in_.k.data_ptr<scalar_t>() + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D;
-    rotate_rows_transposed(nk, k, s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
+    rotate_rows_transposed(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
                            sk_.radius + sk_.token(b, j0), s_.P, kt, kBlockK);
     return kt;
   }
@@ -149,10 +150,14 @@ class ForwardTask {
     keys_.load(sk_, b, lk);
   }
 
-  // Values of keys [j0, j0 + nk) of (b, hk) as rows of Dp accumulation-type elements, ld their
-  // leading dimension: the input itself when it is that already, else a converted copy.
-  const acc_t* value_rows(int64_t b, int64_t hk, int64_t j0, int64_t nk, int64_t& ld) {
-    const scalar_t* v = in_.v.data_ptr<scalar_t>() + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D;
+  // Rows of k or v (data: k_data_ or v_data_) of (b, hk) from key j0 on.
+  const scalar_t* key_rows(const scalar_t* data, int64_t b, int64_t hk, int64_t j0) const {
+    return data + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D;
+  }
+
+  // The nk value rows from v (key_rows of v_data_) as rows of Dp accumulation-type elements, ld
+  // their leading dimension: the input itself when it is that already, else a converted copy.
+  const acc_t* value_rows(const scalar_t* v, int64_t nk, int64_t& ld) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (values_in_place()) {
         ld = s_.D;
@@ -190,6 +195,7 @@ class ForwardTask {
   std::vector<acc_t> q_, kt_, v_, s_tile_, acc_;
   KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys
   std::vector<acc_t> m_, l_;
+  const scalar_t *k_data_, *v_data_;  // the inputs' data (data_ptr checks the dtype on every call)
   const acc_t* alpha_;
   const acc_t beta_;
   int64_t rotated_ = -1;   // b * Hk + hk whose whole key sequence kt_ holds (not per tile)

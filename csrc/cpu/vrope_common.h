@@ -605,9 +605,7 @@ inline void transpose8(__m256 r[8]) {
     r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
 }
-#endif
 
-#ifdef VROPE_AVX2
 // 8 consecutive elements as floats (exact for every input type the kernels take).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
