@@ -193,12 +193,15 @@ def _grads_of(case: Case, inputs: dict, dtype) -> dict:
 
 
 def test_backward_is_bitwise_repeatable():
-    case = Case(tq=150, tk=200, dim=64, causal=True)
+    # Threads take tasks as they free up, so which thread runs which task changes from call to
+    # call (most with tasks of unequal cost: a padded batch entry, causal rows).
+    case = Case(batch=3, tq=150, tk=200, dim=64, causal=True)
     inputs = make_case(case, torch.float32)
     first = _grads_of(case, inputs, torch.float32)
-    second = _grads_of(case, inputs, torch.float32)
-    for n in first:
-        assert torch.equal(first[n], second[n]), n
+    for _ in range(4):
+        again = _grads_of(case, inputs, torch.float32)
+        for n in first:
+            assert torch.equal(first[n], again[n]), n
 
 
 @pytest.mark.parametrize("case", [

@@ -480,10 +480,10 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
       // Rows the pass skips (no allowed key) keep their finite, unused <dout, out>.
       at::Tensor exact = delta.clone();
       acc_t* exact_ptr = exact.data_ptr<acc_t>();
-      at::parallel_for(0, query_tasks, 1, [&](int64_t lo, int64_t hi) {
-        Task task(in, sq, sk, dout_ptr, lse_ptr, delta.data_ptr<acc_t>());
-        for (int64_t t = lo; t < hi; ++t) task.run_deltas(t, exact_ptr);
-      });
+      const acc_t* inexact_ptr = delta.data_ptr<acc_t>();
+      parallel_tasks(
+          query_tasks, [&] { return Task(in, sq, sk, dout_ptr, lse_ptr, inexact_ptr); },
+          [&](Task& task, int64_t t) { task.run_deltas(t, exact_ptr); });
       delta = exact;
     }
     const acc_t* delta_ptr = delta.data_ptr<acc_t>();
@@ -499,16 +499,13 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
         }
     scalar_t* dk_ptr = dk.data_ptr<scalar_t>();
     scalar_t* dv_ptr = dv.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.Hk * chunks.count, 1, [&](int64_t lo, int64_t hi) {
-      Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
-      for (int64_t t = lo; t < hi; ++t) task.run_keys(t, chunks, dk_ptr, dv_ptr, kpart, sums);
-    });
+    const auto make_task = [&] { return Task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr); };
+    parallel_tasks(s.B * s.Hk * chunks.count, make_task,
+                   [&](Task& task, int64_t t) { task.run_keys(t, chunks, dk_ptr, dv_ptr, kpart, sums); });
 
     scalar_t* dq_ptr = dq.data_ptr<scalar_t>();
-    at::parallel_for(0, query_tasks, 1, [&](int64_t lo, int64_t hi) {
-      Task task(in, sq, sk, dout_ptr, lse_ptr, delta_ptr);
-      for (int64_t t = lo; t < hi; ++t) task.finish_queries(t, chunks, dq_ptr, qpart, sums);
-    });
+    parallel_tasks(query_tasks, make_task,
+                   [&](Task& task, int64_t t) { task.finish_queries(t, chunks, dq_ptr, qpart, sums); });
     // Fixed-order reductions of the partials.
     at::Tensor dalpha = at::zeros({s.H}, stat_opts);
     at::Tensor dbeta = at::zeros({}, stat_opts);

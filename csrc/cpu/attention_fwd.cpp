@@ -220,10 +220,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     const int64_t heads = heads_per_task(s);
-    at::parallel_for(0, ForwardTask<scalar_t, acc_t>::count(s, heads), 1, [&](int64_t lo, int64_t hi) {
-      ForwardTask<scalar_t, acc_t> task(in, sq, sk, heads, out_ptr, lse_ptr);
-      for (int64_t t = lo; t < hi; ++t) task.run(t);
-    });
+    using Task = ForwardTask<scalar_t, acc_t>;
+    parallel_tasks(
+        Task::count(s, heads), [&] { return Task(in, sq, sk, heads, out_ptr, lse_ptr); },
+        [](Task& task, int64_t t) { task.run(t); });
   });
   return {out, lse};
 }

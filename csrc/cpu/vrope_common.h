@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -54,6 +55,32 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// Runs tasks [0, n) on at::parallel_for's threads, handed out in order from a shared counter
+// in batches that shrink as the work runs out (guided scheduling): a thread on a busier core,
+// or with costlier tasks (causal rows, longer lengths), takes fewer of them instead of
+// holding the others at the end, as a static split of [0, n) does. Each thread makes one
+// task object (make_task(), its caches) and calls run(task, t) for the tasks it takes, so
+// results must not depend on which thread runs a task (the kernels' caches are pure functions
+// of what they cache; every task writes its own outputs).
+template <typename MakeTask, typename Run>
+void parallel_tasks(int64_t n, const MakeTask& make_task, const Run& run) {
+  if (n <= 0) return;
+  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, n);
+  std::atomic<int64_t> next{0};
+  // One index per thread; nested in another parallel region, a single call runs them all.
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto task = make_task();
+    int64_t start = next.load(std::memory_order_relaxed);
+    for (;;) {
+      if (start >= n) return;
+      const int64_t take = std::max<int64_t>((n - start) / (2 * threads), 1);
+      if (!next.compare_exchange_weak(start, start + take, std::memory_order_relaxed)) continue;
+      for (int64_t t = start, end = std::min(n, start + take); t < end; ++t) run(task, t);
+      start = next.load(std::memory_order_relaxed);
+    }
+  });
+}
 
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
