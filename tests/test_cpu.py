@@ -44,6 +44,10 @@ CASES = {
     # At most one query block per head (Tq <= 64): key tiles rotated one at a time (8 keys at a
     # time in registers for float32, a scalar tail), values read in place or copied (dim 6).
     "decode_step": Case(tq=1, tk=600, dim=64, causal=True),
+    # Multi-head attention with one query: the keys meet the query turned by their angles
+    # (8 keys at a time; the last block of a tile repeats its last key: 611 and 366 keys).
+    "decode_step_mha": Case(tq=1, tk=611, dim=64, kv_heads=4, causal=True),
+    "decode_step_mha_d40": Case(tq=1, tk=300, dim=40, heads=3, kv_heads=3, bias="l1", theta_mode="mean_f0"),
     "few_queries_mqa": Case(tq=13, tk=300, kv_heads=1, bias="l1", causal=True),
     "few_queries_odd_dim": Case(tq=5, tk=200, dim=6, theta_mode="fixed"),
 }
@@ -134,7 +138,7 @@ def test_pitch_ties(goldens):
 
 
 def test_bfloat16_flash_rule(goldens):
-    for name in ("odd_lengths", "causal", "mqa", "decode_step"):
+    for name in ("odd_lengths", "causal", "mqa", "decode_step", "decode_step_mha"):
         case = CASES[name]
         inputs, golden = goldens(name, case)
         got = run(case, inputs, "cpu", torch.bfloat16)
@@ -209,7 +213,9 @@ def test_backward_is_bitwise_repeatable():
     # A few queries: the forward packs 8, 4 and 2 heads of the MQA group per task for 1, 2 and
     # 4 threads (so that each thread has a task).
     Case(batch=1, heads=8, kv_heads=1, tq=2, tk=300, dim=64, causal=True),
-], ids=["blocks", "packed_heads"])
+    # One query per head: each task scores its keys against the query turned by their angles.
+    Case(batch=1, heads=8, kv_heads=8, tq=1, tk=300, dim=64, causal=True),
+], ids=["blocks", "packed_heads", "lone_query_rows"])
 def test_thread_count_does_not_change_results(case):
     inputs = make_case(case, torch.float32)
     before = torch.get_num_threads()

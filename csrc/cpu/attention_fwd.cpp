@@ -15,6 +15,8 @@
 //   rotated just before its scores, into an L1-sized buffer, and serves all the task's heads.
 //   Nothing would reuse a whole-sequence copy, and writing then re-reading one (Tk x D per
 //   head, beyond L2 at Tk = 4096) cost a decoding step more than its arithmetic.
+// And a lone query row (a multi-head decoding step, float sums) rotates no key at all: each key
+// meets the query turned by that key's angle (turned_query_scores), the same scores to rounding.
 // Values are read in place when they are already rows of the accumulation type.
 #include "vrope_common.h"
 
@@ -38,7 +40,8 @@ class ForwardTask {
   ForwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, int64_t heads_per_task, scalar_t* out,
               acc_t* lse)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), hpt_(heads_per_task), out_(out), lse_(lse),
-        per_tile_(s_.Tq <= kBlockQ), q_(kBlockQ * s_.Dp),
+        per_tile_(s_.Tq <= kBlockQ), turned_(turns_query(s_)), q_(kBlockQ * s_.Dp), qa_(turned_ ? 2 * s_.P : 0),
+        qb_(turned_ ? 2 * s_.P : 0),
         kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
         v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
         acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
@@ -71,6 +74,7 @@ class ForwardTask {
     // Register-tile row r is query i0 + r % valid of head h0 + r / valid.
     const int64_t M = heads * valid;
     for (int64_t h = h0; h < h0 + heads; ++h) load_queries(b, h, i0, valid, (h - h0) * valid);
+    if (turned_) interleave_query();
     load_key_pitch(b, lk);
     if (!per_tile_) rotate_sequence(b, hk, lk);
     std::fill(m_.begin(), m_.end(), neg_inf<acc_t>());
@@ -80,13 +84,12 @@ class ForwardTask {
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const int64_t N = round_up(nk, kPad);
-      const acc_t* kt = per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
       const scalar_t* v_tile = key_rows(v_data_, b, hk, j0);
       prefetch_rows(v_tile, nk, s_.D, s_.D);
       const KeyPitch<acc_t> keys = keys_.tile(j0);
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
       const bool tile_voiced = keys_.tile_voiced(j0);
-      gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
+      score_tile(b, hk, j0, nk, M, N);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t h = h0 + r / valid, i = i0 + r % valid;
         acc_t* srow = s_tile_.data() + r * kBlockK;
@@ -111,6 +114,43 @@ class ForwardTask {
   }
 
  private:
+  // A decoding step of multi-head attention, one query row per task whatever the thread count:
+  // its keys are scored by turned_query_scores instead of being rotated (AVX2, float sums).
+  static bool turns_query(const Shape& s) {
+#ifdef VROPE_AVX2
+    return std::is_same_v<acc_t, float> && s.Tq == 1 && s.G == 1 && s.P % 4 == 0;
+#else
+    return false;
+#endif
+  }
+
+  // The rotated query row as turned_query_scores takes it: qa = (even, odd) and
+  // qb = (odd, -even) per pair, from the split layout of q_.
+  void interleave_query() {
+    for (int64_t m = 0; m < s_.P; ++m) {
+      qa_[2 * m] = q_[m];
+      qa_[2 * m + 1] = q_[s_.P + m];
+      qb_[2 * m] = q_[s_.P + m];
+      qb_[2 * m + 1] = -q_[m];
+    }
+  }
+
+  // Scores of the M register-tile rows against keys [j0, j0 + nk) into s_tile_ (N columns;
+  // those past nk keep finite values, to be masked).
+  void score_tile(int64_t b, int64_t hk, int64_t j0, int64_t nk, int64_t M, int64_t N) {
+#ifdef VROPE_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (turned_) {
+        turned_query_scores(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
+                            sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(), s_tile_.data());
+        return;
+      }
+    }
+#endif
+    const acc_t* kt = per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
+    gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
+  }
+
   // Queries [i0, i0 + valid) of head h, rotated and scaled, into register-tile rows from row0.
   void load_queries(int64_t b, int64_t h, int64_t i0, int64_t valid, int64_t row0) {
     const scalar_t* q = in_.q.data_ptr<scalar_t>() + ((b * s_.H + h) * s_.Tq + i0) * s_.D;
@@ -192,7 +232,8 @@ class ForwardTask {
   scalar_t* out_;
   acc_t* lse_;
   const bool per_tile_;  // keys rotated tile by tile (one query block per head), else per sequence
-  std::vector<acc_t> q_, kt_, v_, s_tile_, acc_;
+  const bool turned_;    // keys scored against the query turned by their angles (turns_query)
+  std::vector<acc_t> q_, qa_, qb_, kt_, v_, s_tile_, acc_;
   KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys
   std::vector<acc_t> m_, l_;
   const scalar_t *k_data_, *v_data_;  // the inputs' data (data_ptr checks the dtype on every call)

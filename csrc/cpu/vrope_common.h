@@ -693,6 +693,50 @@ void rotate_rows_transposed(int64_t n, const scalar_t* x, int64_t ld_x, const ac
   for (; c < n; ++c) rotate_row(x + c * ld_x, cos + c * P, sin + c * P, radius[c], acc_t(1), P, out + c, ld_out);
 }
 
+#ifdef VROPE_AVX2
+// Scores of one query row against n keys without rotating the keys. For key pair m (xe, xo,
+// interleaved as stored; cos c, sin s, radius r) and the rotated query's pair (ae, ao),
+//   ae r (xe c - xo s) + ao r (xe s + xo c) = r [xe (ae c + ao s) + xo (ao c - ae s)],
+// so each key turns the query by its own angle, K = qa * (c, c) + qb * (s, s) lane by lane
+// with qa = (ae, ao) and qb = (ao, -ae) per pair, and meets its row as it lies in memory: no
+// transposes and no rotated copy (a third of the shuffles of rotate_rows_transposed and the
+// product after it). For a lone query row: rows that share a key tile rotate it once instead.
+// qa, qb: [2P], interleaved like the keys; P % 4 == 0. out[c] = score of key c.
+template <typename scalar_t>
+void turned_query_scores(int64_t n, const scalar_t* x, int64_t ld_x, const float* cos, const float* sin,
+                         const float* radius, int64_t P, const float* qa, const float* qb, float* out) {
+  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t c = 0; c < n; c += 8) {
+    // A last block of fewer than 8 keys repeats its last key: every key's sum has the same
+    // order wherever it falls.
+    int64_t row[8];
+    for (int i = 0; i < 8; ++i) row[i] = std::min<int64_t>(c + i, n - 1);
+    const int64_t ahead = std::min<int64_t>(8, n - c - 8);
+    if (ahead > 0) prefetch_rows(x + (c + 8) * ld_x, ahead, ld_x, 2 * P);
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t m0 = 0; m0 < P; m0 += 4) {
+      const __m256 a = _mm256_loadu_ps(qa + 2 * m0), b = _mm256_loadu_ps(qb + 2 * m0);
+      for (int i = 0; i < 8; ++i) {
+        const __m256 cc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cos + row[i] * P + m0)), dup);
+        const __m256 ss = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sin + row[i] * P + m0)), dup);
+        const __m256 turned = _mm256_fmadd_ps(b, ss, _mm256_mul_ps(a, cc));
+        acc[i] = _mm256_fmadd_ps(load8(x + row[i] * ld_x + 2 * m0), turned, acc[i]);
+      }
+    }
+    // Lane sums of the 8 accumulators into one vector (key i in lane i).
+    const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    float r[8], block[8];
+    for (int i = 0; i < 8; ++i) r[i] = radius[row[i]];
+    _mm256_storeu_ps(block, _mm256_mul_ps(_mm256_loadu_ps(r), sums));
+    std::copy_n(block, std::min<int64_t>(8, n - c), out + c);
+  }
+}
+#endif
+
 // Copies a row (natural layout) converting to the accumulation type; element c to out[c * stride].
 template <typename scalar_t, typename acc_t>
 void load_row(const scalar_t* x, int64_t n, acc_t* out, int64_t stride) {
