@@ -208,6 +208,25 @@ def test_backward_is_bitwise_repeatable():
             assert torch.equal(first[n], again[n]), n
 
 
+@pytest.mark.parametrize("heads,tq", [(4, 1), (4, 3)], ids=["lone_query_rows", "query_tiles"])
+def test_backward_recomputes_the_forward_scores_exactly(heads, tq):
+    # Against a single key, softmax weights are exactly 1 only if the backward's recomputed
+    # score equals the forward's bit for bit (P = exp(s - lse) with lse = s): then out = v and
+    # dv = the sum of dout over the queries, exactly. A lone query row scores its keys another
+    # way (the query turned by each key's angle); the backward must follow it.
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        q = torch.randn(2, heads, tq, 64, generator=gen, requires_grad=True)
+        k = torch.randn(2, heads, 1, 64, generator=gen, requires_grad=True)
+        v = torch.randn(2, heads, 1, 64, generator=gen, requires_grad=True)
+        f0q, f0k = 150 * torch.rand(2, tq, generator=gen), 150 * torch.rand(2, 1, generator=gen)
+        out = ek.rope_attention(q, k, v, f0q, f0_k=f0k, backend="cpu")
+        dout = torch.randn(out.shape, generator=gen)
+        (dv,) = torch.autograd.grad(out, (v,), dout)
+        assert torch.equal(out, v.detach().expand_as(out))
+        assert torch.equal(dv, dout.sum(2, keepdim=True))
+
+
 @pytest.mark.parametrize("case", [
     Case(batch=2, heads=4, kv_heads=2, tq=150, tk=200, dim=64),
     # A few queries: the forward packs 8, 4 and 2 heads of the MQA group per task for 1, 2 and

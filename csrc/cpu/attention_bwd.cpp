@@ -110,10 +110,11 @@ class BackwardTask {
   BackwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, const scalar_t* dout,
                const acc_t* lse, const acc_t* delta)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), dout_(dout), lse_(lse), delta_(delta),
-        n_kb_(ceil_div(s_.Tk, kBlockK)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
+        n_kb_(ceil_div(s_.Tk, kBlockK)), turned_(scores_turn_query<acc_t>(s_)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
         dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
         col_(kBlockK, acc_t(0)), dpitch_(kBlockK, acc_t(0)), delta_tile_(kBlockQ, acc_t(0)), dq_row_(s_.Dp, acc_t(0)),
-        keys_(s_.Tk, sk.up != nullptr), q_(in.q.data_ptr<scalar_t>()), k_(in.k.data_ptr<scalar_t>()),
+        qa_(turned_ ? 2 * s_.P : 0), qb_(turned_ ? 2 * s_.P : 0), keys_(s_.Tk, sk.up != nullptr),
+        q_(in.q.data_ptr<scalar_t>()), k_(in.k.data_ptr<scalar_t>()),
         v_(in.v.data_ptr<scalar_t>()), alpha_(in.alpha.data_ptr<acc_t>()),
         beta_(static_cast<acc_t>(in.beta_value)) {}
 
@@ -183,7 +184,7 @@ class BackwardTask {
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0), N = round_up(nk, kPad);
       const KeyTile<acc_t> kt = key_tile(j0);
-      score_tiles(M, N, qr, kt);
+      score_tiles(M, N, qr, kt, b, hk, j0, nk);
       for (int64_t r = 0; r < nq; ++r) {
         probs_row(bias_row(b, h, i0 + r), i0 + r, r, j0, nk, N, kt, qr.lse[r], lq, lk);
         delta_tile_[r] += dot_row(p_.data() + r * kBlockK, ds_.data() + r * kBlockK, N);
@@ -340,12 +341,19 @@ class BackwardTask {
       std::fill(lsec_.begin() + row0 + lq, lsec_.begin() + row0 + tq_rows_, std::numeric_limits<acc_t>::infinity());
       std::fill(deltac_.begin() + row0 + lq, deltac_.begin() + row0 + tq_rows_, acc_t(0));
     }
+    if (turned_) interleave_query(qc_.data(), s_.P, qa_.data(), qb_.data());
   }
 
-  // Score tiles of M query rows against key tile kt (N keys): S = Q~ K~^T into p_ and
-  // dP = dO V^T into ds_.
-  void score_tiles(int64_t M, int64_t N, const QueryRows<acc_t>& qr, const KeyTile<acc_t>& kt) {
-    gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
+  // Score tiles of M query rows against key tile kt (keys [j0, j0 + nk) of (b, hk), N columns):
+  // S = Q~ K~^T into p_ and dP = dO V^T into ds_. A lone query row gets the forward's scores
+  // bit for bit, from its turned copies (rows past it and columns past nk are never read).
+  void score_tiles(int64_t M, int64_t N, const QueryRows<acc_t>& qr, const KeyTile<acc_t>& kt, int64_t b, int64_t hk,
+                   int64_t j0, int64_t nk) {
+    if (turned_)
+      turned_scores(nk, k_ + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D, s_.D, sk_.cos + sk_.pair(b, j0),
+                    sk_.sin + sk_.pair(b, j0), sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(), p_.data());
+    else
+      gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
     gemm<acc_t>(M, N, s_.Dp, qr.dout, s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);
   }
 
@@ -367,7 +375,7 @@ class BackwardTask {
   void probs_and_grads(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t M, const QueryRows<acc_t>& qr,
                        int64_t j0, int64_t nk, int64_t N, const KeyTile<acc_t>& kt, int64_t lq, int64_t lk,
                        acc_t* col, BiasRowGrads<acc_t>* rows) {
-    score_tiles(M, N, qr, kt);
+    score_tiles(M, N, qr, kt, b, h / s_.G, j0, nk);
     for (int64_t r = 0; r < nq; ++r) {
       acc_t* prow = p_.data() + r * kBlockK;
       const BiasRow<acc_t> br = bias_row(b, h, i0 + r);
@@ -397,8 +405,10 @@ class BackwardTask {
   const acc_t* lse_;
   const acc_t* delta_;
   const int64_t n_kb_;
+  const bool turned_;  // scores of a lone query row from qa_, qb_ (scores_turn_query)
   // Tile work buffers.
   std::vector<acc_t> p_, ds_, dk_acc_, dv_acc_, col_, dpitch_, delta_tile_, dq_row_;
+  std::vector<acc_t> qa_, qb_;  // the cached query row, interleaved for turned_scores
   // Key cache of (b, hk) = keys_of_ (the key and value tiles allocated on first use).
   std::vector<acc_t> kc_, ktc_, vtc_;
   KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys

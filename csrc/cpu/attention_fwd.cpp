@@ -40,7 +40,7 @@ class ForwardTask {
   ForwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, int64_t heads_per_task, scalar_t* out,
               acc_t* lse)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), hpt_(heads_per_task), out_(out), lse_(lse),
-        per_tile_(s_.Tq <= kBlockQ), turned_(turns_query(s_)), q_(kBlockQ * s_.Dp), qa_(turned_ ? 2 * s_.P : 0),
+        per_tile_(s_.Tq <= kBlockQ), turned_(scores_turn_query<acc_t>(s_)), q_(kBlockQ * s_.Dp), qa_(turned_ ? 2 * s_.P : 0),
         qb_(turned_ ? 2 * s_.P : 0),
         kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
         v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
@@ -74,7 +74,7 @@ class ForwardTask {
     // Register-tile row r is query i0 + r % valid of head h0 + r / valid.
     const int64_t M = heads * valid;
     for (int64_t h = h0; h < h0 + heads; ++h) load_queries(b, h, i0, valid, (h - h0) * valid);
-    if (turned_) interleave_query();
+    if (turned_) interleave_query(q_.data(), s_.P, qa_.data(), qb_.data());
     load_key_pitch(b, lk);
     if (!per_tile_) rotate_sequence(b, hk, lk);
     std::fill(m_.begin(), m_.end(), neg_inf<acc_t>());
@@ -114,39 +114,14 @@ class ForwardTask {
   }
 
  private:
-  // A decoding step of multi-head attention, one query row per task whatever the thread count:
-  // its keys are scored by turned_query_scores instead of being rotated (AVX2, float sums).
-  static bool turns_query(const Shape& s) {
-#ifdef VROPE_AVX2
-    return std::is_same_v<acc_t, float> && s.Tq == 1 && s.G == 1 && s.P % 4 == 0;
-#else
-    return false;
-#endif
-  }
-
-  // The rotated query row as turned_query_scores takes it: qa = (even, odd) and
-  // qb = (odd, -even) per pair, from the split layout of q_.
-  void interleave_query() {
-    for (int64_t m = 0; m < s_.P; ++m) {
-      qa_[2 * m] = q_[m];
-      qa_[2 * m + 1] = q_[s_.P + m];
-      qb_[2 * m] = q_[s_.P + m];
-      qb_[2 * m + 1] = -q_[m];
-    }
-  }
-
   // Scores of the M register-tile rows against keys [j0, j0 + nk) into s_tile_ (N columns;
   // those past nk keep finite values, to be masked).
   void score_tile(int64_t b, int64_t hk, int64_t j0, int64_t nk, int64_t M, int64_t N) {
-#ifdef VROPE_AVX2
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (turned_) {
-        turned_query_scores(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
-                            sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(), s_tile_.data());
-        return;
-      }
+    if (turned_) {
+      turned_scores(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
+                    sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(), s_tile_.data());
+      return;
     }
-#endif
     const acc_t* kt = per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
     gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
   }
@@ -232,7 +207,7 @@ class ForwardTask {
   scalar_t* out_;
   acc_t* lse_;
   const bool per_tile_;  // keys rotated tile by tile (one query block per head), else per sequence
-  const bool turned_;    // keys scored against the query turned by their angles (turns_query)
+  const bool turned_;    // keys scored against the query turned by their angles (scores_turn_query)
   std::vector<acc_t> q_, qa_, qb_, kt_, v_, s_tile_, acc_;
   KeyPitchCache<acc_t> keys_;  // bias inputs of the cached keys
   std::vector<acc_t> m_, l_;

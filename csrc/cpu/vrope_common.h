@@ -737,6 +737,43 @@ void turned_query_scores(int64_t n, const scalar_t* x, int64_t ld_x, const float
 }
 #endif
 
+// Whether a pass scores keys with turned_query_scores: one query row per (batch, head) and no
+// GQA (so no heads packed into taller tiles, whatever the thread count), float sums, P % 4 == 0.
+// Forward and backward decide alike, so the backward recomputes the forward's scores bit for bit.
+template <typename acc_t>
+bool scores_turn_query(const Shape& s) {
+#ifdef VROPE_AVX2
+  return std::is_same_v<acc_t, float> && s.Tq == 1 && s.G == 1 && s.P % 4 == 0;
+#else
+  return false;
+#endif
+}
+
+// The rotated query row q (split layout: even results at 0..P-1, odd at P..2P-1) as
+// turned_query_scores takes it: qa = (even, odd) and qb = (odd, -even) per pair.
+template <typename acc_t>
+void interleave_query(const acc_t* q, int64_t P, acc_t* qa, acc_t* qb) {
+  for (int64_t m = 0; m < P; ++m) {
+    qa[2 * m] = q[m];
+    qa[2 * m + 1] = q[P + m];
+    qb[2 * m] = q[P + m];
+    qb[2 * m + 1] = -q[m];
+  }
+}
+
+// turned_query_scores where scores_turn_query<acc_t> holds (the only callers).
+template <typename scalar_t, typename acc_t>
+void turned_scores(int64_t n, const scalar_t* x, int64_t ld_x, const acc_t* cos, const acc_t* sin,
+                   const acc_t* radius, int64_t P, const acc_t* qa, const acc_t* qb, acc_t* out) {
+#ifdef VROPE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    turned_query_scores(n, x, ld_x, cos, sin, radius, P, qa, qb, out);
+    return;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "turned query scores need AVX2 and float sums");
+}
+
 // Copies a row (natural layout) converting to the accumulation type; element c to out[c * stride].
 template <typename scalar_t, typename acc_t>
 void load_row(const scalar_t* x, int64_t n, acc_t* out, int64_t stride) {
