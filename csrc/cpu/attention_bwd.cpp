@@ -110,7 +110,8 @@ class BackwardTask {
   BackwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, const scalar_t* dout,
                const acc_t* lse, const acc_t* delta)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), dout_(dout), lse_(lse), delta_(delta),
-        n_kb_(ceil_div(s_.Tk, kBlockK)), turned_(scores_turn_query<acc_t>(s_)), p_(kBlockQ * kBlockK, acc_t(0)), ds_(kBlockQ * kBlockK, acc_t(0)),
+        n_kb_(ceil_div(s_.Tk, kBlockK)), turned_(scores_turn_query<acc_t>(s_)), p_(kBlockQ * kBlockK, acc_t(0)),
+        ds_(kBlockQ * kBlockK, acc_t(0)),
         dk_acc_(kBlockK * s_.Dp, acc_t(0)), dv_acc_(kBlockK * s_.Dp, acc_t(0)),
         col_(kBlockK, acc_t(0)), dpitch_(kBlockK, acc_t(0)), delta_tile_(kBlockQ, acc_t(0)), dq_row_(s_.Dp, acc_t(0)),
         qa_(turned_ ? 2 * s_.P : 0), qb_(turned_ ? 2 * s_.P : 0), keys_(s_.Tk, sk.up != nullptr),

@@ -40,8 +40,8 @@ class ForwardTask {
   ForwardTask(const Inputs& in, const Side<acc_t>& sq, const Side<acc_t>& sk, int64_t heads_per_task, scalar_t* out,
               acc_t* lse)
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), hpt_(heads_per_task), out_(out), lse_(lse),
-        per_tile_(s_.Tq <= kBlockQ), turned_(scores_turn_query<acc_t>(s_)), q_(kBlockQ * s_.Dp), qa_(turned_ ? 2 * s_.P : 0),
-        qb_(turned_ ? 2 * s_.P : 0),
+        per_tile_(s_.Tq <= kBlockQ), turned_(scores_turn_query<acc_t>(s_)), q_(kBlockQ * s_.Dp),
+        qa_(turned_ ? 2 * s_.P : 0), qb_(turned_ ? 2 * s_.P : 0),
         kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
         v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
         acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
@@ -118,11 +118,13 @@ class ForwardTask {
   // those past nk keep finite values, to be masked).
   void score_tile(int64_t b, int64_t hk, int64_t j0, int64_t nk, int64_t M, int64_t N) {
     if (turned_) {
-      turned_scores(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
-                    sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(), s_tile_.data());
+      turned_scores(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0),
+                    sk_.sin + sk_.pair(b, j0), sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(),
+                    s_tile_.data());
       return;
     }
-    const acc_t* kt = per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
+    const acc_t* kt =
+        per_tile_ ? rotate_keys(b, hk, j0, nk, kt_.data()) : kt_.data() + (j0 / kBlockK) * s_.Dp * kBlockK;
     gemm<acc_t>(M, N, s_.Dp, q_.data(), s_.Dp, kt, kBlockK, s_tile_.data(), kBlockK, false);
   }
 
