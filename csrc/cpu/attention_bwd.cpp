@@ -291,9 +291,8 @@ class BackwardTask {
       ktc_.assign(tk_pad * s_.Dp, acc_t(0));
       vtc_.assign(tk_pad * s_.Dp, acc_t(0));
     }
-    const int64_t base = key * s_.Tk * s_.D;
-    const scalar_t* k = k_ + base;
-    const scalar_t* v = v_ + base;
+    const scalar_t* k = kv_rows(k_, s_, b, hk, 0);
+    const scalar_t* v = kv_rows(v_, s_, b, hk, 0);
     for (int64_t j = 0; j < lk; ++j) {
       const int64_t t = sk_.token(b, j), kb = j / kBlockK, c = j % kBlockK;
       acc_t* krow = kc_.data() + j * s_.Dp;
@@ -351,8 +350,7 @@ class BackwardTask {
   void score_tiles(int64_t M, int64_t N, const QueryRows<acc_t>& qr, const KeyTile<acc_t>& kt, int64_t b, int64_t hk,
                    int64_t j0, int64_t nk) {
     if (turned_)
-      turned_scores(nk, k_ + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D, s_.D, sk_.cos + sk_.pair(b, j0),
-                    sk_.sin + sk_.pair(b, j0), sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(), p_.data());
+      turned_scores(nk, kv_rows(k_, s_, b, hk, j0), sk_, b, j0, qa_.data(), qb_.data(), p_.data());
     else
       gemm<acc_t>(M, N, s_.Dp, qr.q, s_.Dp, kt.kt, kBlockK, p_.data(), kBlockK, false);
     gemm<acc_t>(M, N, s_.Dp, qr.dout, s_.Dp, kt.vt, kBlockK, ds_.data(), kBlockK, false);

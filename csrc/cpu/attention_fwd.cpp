@@ -42,7 +42,7 @@ class ForwardTask {
       : in_(in), s_(in.shape), sq_(sq), sk_(sk), hpt_(heads_per_task), out_(out), lse_(lse),
         per_tile_(s_.Tq <= kBlockQ), turned_(scores_turn_query<acc_t>(s_)), q_(kBlockQ * s_.Dp),
         qa_(turned_ ? 2 * s_.P : 0), qb_(turned_ ? 2 * s_.P : 0),
-        kt_((per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
+        kt_(turned_ ? 0 : (per_tile_ ? kBlockK : round_up(s_.Tk, kBlockK)) * s_.Dp, acc_t(0)),
         v_(values_in_place() ? 0 : kBlockK * s_.Dp, acc_t(0)), s_tile_(kBlockQ * kBlockK),
         acc_(kBlockQ * s_.Dp, acc_t(0)), keys_(s_.Tk, sk.up != nullptr), m_(kBlockQ),
         l_(kBlockQ), k_data_(in.k.data_ptr<scalar_t>()), v_data_(in.v.data_ptr<scalar_t>()),
@@ -84,7 +84,7 @@ class ForwardTask {
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const int64_t N = round_up(nk, kPad);
-      const scalar_t* v_tile = key_rows(v_data_, b, hk, j0);
+      const scalar_t* v_tile = kv_rows(v_data_, s_, b, hk, j0);
       prefetch_rows(v_tile, nk, s_.D, s_.D);
       const KeyPitch<acc_t> keys = keys_.tile(j0);
       // With no voiced key in the tile the pitch bias is exactly 0 there: skip it.
@@ -118,9 +118,7 @@ class ForwardTask {
   // those past nk keep finite values, to be masked).
   void score_tile(int64_t b, int64_t hk, int64_t j0, int64_t nk, int64_t M, int64_t N) {
     if (turned_) {
-      turned_scores(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0),
-                    sk_.sin + sk_.pair(b, j0), sk_.radius + sk_.token(b, j0), s_.P, qa_.data(), qb_.data(),
-                    s_tile_.data());
+      turned_scores(nk, kv_rows(k_data_, s_, b, hk, j0), sk_, b, j0, qa_.data(), qb_.data(), s_tile_.data());
       return;
     }
     const acc_t* kt =
@@ -143,8 +141,8 @@ class ForwardTask {
   // q_tile @ kt). Columns past nk keep finite values (zeros or an earlier tile's): their
   // scores are masked.
   const acc_t* rotate_keys(int64_t b, int64_t hk, int64_t j0, int64_t nk, acc_t* kt) const {
-    rotate_rows_transposed(nk, key_rows(k_data_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0), sk_.sin + sk_.pair(b, j0),
-                           sk_.radius + sk_.token(b, j0), s_.P, kt, kBlockK);
+    rotate_rows_transposed(nk, kv_rows(k_data_, s_, b, hk, j0), s_.D, sk_.cos + sk_.pair(b, j0),
+                           sk_.sin + sk_.pair(b, j0), sk_.radius + sk_.token(b, j0), s_.P, kt, kBlockK);
     return kt;
   }
 
@@ -167,12 +165,7 @@ class ForwardTask {
     keys_.load(sk_, b, lk);
   }
 
-  // Rows of k or v (data: k_data_ or v_data_) of (b, hk) from key j0 on.
-  const scalar_t* key_rows(const scalar_t* data, int64_t b, int64_t hk, int64_t j0) const {
-    return data + ((b * s_.Hk + hk) * s_.Tk + j0) * s_.D;
-  }
-
-  // The nk value rows from v (key_rows of v_data_) as rows of Dp accumulation-type elements, ld
+  // The nk value rows from v (kv_rows of v_data_) as rows of Dp accumulation-type elements, ld
   // their leading dimension: the input itself when it is that already, else a converted copy.
   const acc_t* value_rows(const scalar_t* v, int64_t nk, int64_t& ld) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {

@@ -443,6 +443,12 @@ struct Shape {
   int64_t B, H, Hk, G, Tq, Tk, D, P, Dp;
 };
 
+// Rows of k or v [B, Hk, Tk, D] (data) of key/value head hk of batch row b, from key j on.
+template <typename T>
+inline const T* kv_rows(const T* data, const Shape& s, int64_t b, int64_t hk, int64_t j) {
+  return data + ((b * s.Hk + hk) * s.Tk + j) * s.D;
+}
+
 // One side's features [B, T], its rotation tables cos/sin/phi [B, T, P] and, for the
 // factorised exp bias, exp(+-beta pitch) [B, T], computed once per call (not per score,
 // not per tile) in the stat dtype.
@@ -761,13 +767,16 @@ void interleave_query(const acc_t* q, int64_t P, acc_t* qa, acc_t* qb) {
   }
 }
 
-// turned_query_scores where scores_turn_query<acc_t> holds (the only callers).
+// Scores of the lone query row (qa, qb from interleave_query) against keys [j0, j0 + n) of batch
+// row b: rows x (kv_rows), tables and radius from the key side. Both passes call this, where
+// scores_turn_query<acc_t> holds, so the backward recomputes the forward's scores exactly.
 template <typename scalar_t, typename acc_t>
-void turned_scores(int64_t n, const scalar_t* x, int64_t ld_x, const acc_t* cos, const acc_t* sin,
-                   const acc_t* radius, int64_t P, const acc_t* qa, const acc_t* qb, acc_t* out) {
+void turned_scores(int64_t n, const scalar_t* x, const Side<acc_t>& keys, int64_t b, int64_t j0, const acc_t* qa,
+                   const acc_t* qb, acc_t* out) {
 #ifdef VROPE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    turned_query_scores(n, x, ld_x, cos, sin, radius, P, qa, qb, out);
+    turned_query_scores(n, x, 2 * keys.P, keys.cos + keys.pair(b, j0), keys.sin + keys.pair(b, j0),
+                        keys.radius + keys.token(b, j0), keys.P, qa, qb, out);
     return;
   }
 #endif
